@@ -1,0 +1,71 @@
+"""Picking layers by name and routing them through adapters."""
+
+import pytest
+import torch
+from torch import nn
+
+from tlora import PRESETS, TLoRA
+from tlora.model import attach, select_modules
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, context):
+        super().__init__()
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context, dim, bias=False)
+        self.to_v = nn.Linear(context, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x, ctx):
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+        return self.to_out(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj_in = nn.Conv2d(8, 16, 1)
+        self.attn2 = Attention(16, 12)
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.depthwise = nn.Conv2d(8, 8, 3, groups=8)
+
+    def forward(self, x, ctx):
+        h = self.proj_in(x).flatten(2).transpose(1, 2)
+        h = self.attn2(h, ctx)
+        return self.ff.net(h)
+
+
+def test_select_groups_and_patterns():
+    block = Block()
+    assert sorted(select_modules(block)) == ["attn2.to_k", "attn2.to_out.0", "attn2.to_q", "attn2.to_v"]
+    assert sorted(select_modules(block, ["feed_forward", "proj"])) == ["ff.net.2", "proj_in"]  # ff.net.0 is no proj
+    assert sorted(select_modules(block, [], ["*.to_q", "proj_*"])) == ["attn2.to_q", "proj_in"]
+    assert select_modules(block, [], ["depthwise"]) == {}  # grouped conv is not one matrix
+    with pytest.raises(ValueError, match="unknown target group"):
+        select_modules(block, ["mlp"])
+
+
+def test_attach_and_detach():
+    torch.manual_seed(0)
+    block = Block().requires_grad_(False)
+    x, ctx = torch.randn(2, 8, 4, 4), torch.randn(2, 5, 12)
+    before = block(x, ctx)
+    modules = select_modules(block, ["attention", "proj"])
+    adapters = {n: TLoRA(m.weight.shape, PRESETS["tlora"]) for n, m in modules.items()}
+    detach = attach(modules, adapters)
+    torch.testing.assert_close(block(x, ctx), before, atol=1e-5, rtol=1e-5)  # identity at init
+    with torch.no_grad():
+        for p in adapters["attn2.to_q"].parameters():
+            p.add_(0.1)
+    assert not torch.allclose(block(x, ctx), before, atol=1e-3)
+    block(x, ctx).sum().backward()
+    assert all(p.grad is None for p in block.parameters())
+    assert adapters["attn2.to_q"].transform[0].grad is not None
+    detach()
+    torch.testing.assert_close(block(x, ctx), before)
+
+
+def test_attach_reports_missing_modules():
+    with pytest.raises(KeyError, match="no module"):
+        attach({}, {"x.to_q": TLoRA((4, 4), PRESETS["lora"])})

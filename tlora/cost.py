@@ -1,0 +1,91 @@
+"""Which way to run an adapted Linear in training: a cost model over shapes and token count.
+
+Three paths give the same output ``y = x (W·T + sΔ)ᵀ + b``:
+
+- ``merged``: build ``W' = W·T + sΔ`` (``W·T`` mode by mode, or via a dense T, whichever is
+  cheaper) and run one matmul. Independent of the token count, but the frozen W now sits
+  inside the autograd graph, so backward pays a full weight gradient ``N·in·out``.
+- ``transform``: build the dense ``T`` (``in × in``) and apply it to the activations, then W.
+- ``contract``: contract the activations with T's cores one by one, never forming T.
+
+Both activation paths add ``Δx`` through its low-rank factors (``N·(in+out)·r``). Costs are
+in multiply-accumulates (MACs) plus a memory term: the core contraction is memory-bound (its
+permute-copies move ``N·in·R²`` elements per core for few MACs each), and on a 2-core CPU one
+element moved costs about as much time as 200 MACs of a large matmul (fitted on the shapes of
+``bench/layer_speed.py``: 100-300 across them; see bench/RESULTS.md). Trainable parts count 3×
+(forward, and the two backward products); the frozen base matmul is common to every path and
+left out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PATHS = ("merged", "transform", "contract")
+
+# MAC-equivalents per element moved by a copy or elementwise op, and per launched kernel.
+MEMORY_COST = 200.0
+KERNEL_COST = 2.0e5
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the cost of an adapted Linear depends on.
+
+    ``factors``: the transform's input factors (empty: no transform); ``transform_rank``: its
+    ring rank; ``residual_rank``: the residual's effective rank (R² for a TR ring, r for LoRA,
+    0 for none).
+    """
+
+    in_features: int
+    out_features: int
+    factors: tuple[int, ...] = ()
+    transform_rank: int = 0
+    residual_rank: int = 0
+
+
+def contraction_cost(rows: int, shape: LayerShape) -> float:
+    """Applying T to ``rows`` vectors through the cores (:func:`tlora.trm.apply`)."""
+    n, r, f = shape.in_features, shape.transform_rank, shape.factors
+    if not f:
+        return 0.0
+    if len(f) == 1:
+        return rows * n * n
+    ends = sorted(f)[-2:]  # contraction_start puts the smallest cores in the middle
+    middle = sum(f) - sum(ends)
+    macs = rows * n * (sum(ends) * r * r + middle * r**3)
+    moved = rows * n * r * r * len(f)
+    return macs + MEMORY_COST * moved + KERNEL_COST * 2 * len(f)
+
+
+def materialize_cost(shape: LayerShape) -> float:
+    """Building the dense ``in × in`` T from its cores (dominated by the closing step)."""
+    if not shape.factors:
+        return 0.0
+    n, r = shape.in_features, shape.transform_rank
+    return n * n * (r * r + 2 * MEMORY_COST) + KERNEL_COST * len(shape.factors)
+
+
+def path_costs(tokens: int, shape: LayerShape) -> dict[str, float]:
+    """Estimated forward+backward cost (beyond the shared frozen matmuls) of each path."""
+    n, m, rr = shape.in_features, shape.out_features, shape.residual_rank
+    residual_act = 3 * (tokens * (n + m) * rr + 2 * KERNEL_COST) + 2 * MEMORY_COST * tokens * m if rr else 0.0
+    weight_t = min(contraction_cost(m, shape), materialize_cost(shape) + m * n * n) if shape.factors else 0.0
+    merged = 3 * (weight_t + m * n * (rr + MEMORY_COST) + KERNEL_COST) + tokens * n * m
+    costs = {"merged": merged, "contract": 3 * contraction_cost(tokens, shape) + residual_act}
+    if shape.factors:
+        transform_act = tokens * n * (n + MEMORY_COST)
+        costs["transform"] = 3 * (materialize_cost(shape) + transform_act) + residual_act
+    return costs
+
+
+def choose_path(tokens: int, shape: LayerShape) -> str:
+    """The cheapest path for ``tokens`` input rows (see :func:`path_costs`)."""
+    costs = path_costs(tokens, shape)
+    return min(costs, key=costs.__getitem__)
+
+
+def tokens_of(numel: int, in_features: int) -> int:
+    """Rows of a ``[..., in]`` activation with ``numel`` elements."""
+    return max(1, math.ceil(numel / in_features))

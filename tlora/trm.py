@@ -1,0 +1,164 @@
+"""Tensor-ring matrix (TRM): a dense ``n × n`` matrix stored as D small cores.
+
+Cores ``A^d`` have shape ``[I_d, J_d, R, R]``; with ``n_out = ΠI_d`` and ``n_in = ΠJ_d``
+
+    T[(i_1..i_D), (j_1..j_D)] = tr(A^1[i_1, j_1] · … · A^D[i_D, j_D])
+
+(C-order multi-indices). With R = 1 this is the Kronecker product ``A^1 ⊗ … ⊗ A^D``.
+Everything here is stateless; :mod:`tlora.adapters.tlora` holds the cores as parameters.
+
+Paths that never build ``T`` (``n × n``):
+- :func:`apply` computes ``x @ Tᵀ`` by contracting the rows of ``x`` with one core at a
+  time (cost ≈ ``N·n·(I_first R² + Σ_mid I_d R³ + I_last R²)``), closing the ring with a
+  single two-bond contraction;
+- ``W·T`` for merging is ``apply(W, transpose(cores))``, mode by mode over W's input dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+Cores = list[Tensor]
+
+
+def shape_of(cores: Cores) -> tuple[int, int]:
+    """``(rows, cols)`` of the matrix the cores represent."""
+    return math.prod(c.shape[0] for c in cores), math.prod(c.shape[1] for c in cores)
+
+
+def transpose(cores: Cores) -> Cores:
+    """Cores of ``Tᵀ``: swap each core's row and column index."""
+    return [c.transpose(0, 1) for c in cores]
+
+
+def identity_cores(factors: tuple[int, ...], rank: int, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Cores:
+    """Cores with ``TRM == I`` exactly and no dead ranks: ``A^d[i, j] = δ_ij · G_d``.
+
+    The ``R × R`` bond matrices ``G_d = I + N(0, 1/R)`` are random (a fixed ``seed`` makes
+    the init, and so the regularizers' anchor, reproducible) and rescaled so that
+    ``tr(G_1 ⋯ G_D) = 1``, hence ``T[i, i] = 1`` and ``T[i, j] = 0`` off the diagonal.
+    Unlike the reference init (:func:`reference_identity_cores`), the R² slices receive
+    different gradients, so all ranks train (tests/test_trm.py proves both facts).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    eye = torch.eye(rank, dtype=torch.float64)
+    while True:
+        bonds = [eye + torch.randn(rank, rank, generator=gen, dtype=torch.float64) / math.sqrt(rank) for _ in factors]
+        prod = eye
+        for g in bonds:
+            prod = prod @ g
+        trace = torch.trace(prod).item()
+        if abs(trace) > rank / 4:  # well away from 0, so the rescale stays tame
+            break
+    scale = abs(trace) ** (-1.0 / len(factors))
+    bonds = [g * scale for g in bonds]
+    bonds[0] = bonds[0] * math.copysign(1.0, trace)
+    return [
+        (torch.eye(f, dtype=torch.float64)[:, :, None, None] * g).to(dtype) for f, g in zip(factors, bonds, strict=True)
+    ]
+
+
+def reference_identity_cores(factors: tuple[int, ...], rank: int, dtype: torch.dtype = torch.float32) -> Cores:
+    """The paper's init: every ``R × R`` slice is ``δ_ij · J / R`` (J all-ones); ``T = I``.
+
+    Every slice gets the same gradient, so a rank-R TRM trains like the rank-1 Kronecker
+    transform. Kept to document (and test) that flaw; use :func:`identity_cores`.
+    """
+    ones = torch.ones(rank, rank, dtype=dtype) / rank
+    return [torch.eye(f, dtype=dtype)[:, :, None, None] * ones for f in factors]
+
+
+def materialize(cores: Cores) -> Tensor:
+    """The dense ``[ΠI_d, ΠJ_d]`` matrix. Cost ≈ ``n_out·n_in·R²`` for the closing step."""
+    if len(cores) == 1:
+        return torch.einsum("ijaa->ij", cores[0])
+    acc = cores[0]
+    for core in cores[1:-1]:
+        i, j, r, _ = acc.shape
+        k, m, _, s = core.shape
+        acc = torch.einsum("ijab,kmbc->ikjmac", acc, core).reshape(i * k, j * m, r, s)
+    last = cores[-1]
+    rows = acc.shape[0] * last.shape[0]
+    cols = acc.shape[1] * last.shape[1]
+    return torch.einsum("ijab,kmba->ikjm", acc, last).reshape(rows, cols)
+
+
+def contraction_start(cores: Cores) -> int:
+    """Where :func:`apply` starts the ring: the middle cores cost R³ per element, the two
+    ends R², so for D = 3 the smallest core goes in the middle."""
+    d = len(cores)
+    if d < 3:
+        return 0
+    sizes = [c.shape[0] * c.shape[1] for c in cores]
+    middle_cost = [sum(sizes[(s + k) % d] for k in range(1, d - 1)) for s in range(d)]
+    return min(range(d), key=middle_cost.__getitem__)
+
+
+def apply(x: Tensor, cores: Cores, start: int | None = None) -> Tensor:
+    """``x @ Tᵀ`` for ``x`` of shape ``[..., n_in]`` without building T.
+
+    The ring is traced cyclically from core ``start`` (default :func:`contraction_start`):
+    contract the first core over its column index (opening bonds ``a, b``), each middle core
+    over its column index and bond ``b``, and the last over its column index and both bonds.
+    Every step is one two-operand contraction, i.e. one batched matmul.
+    """
+    d = len(cores)
+    if d == 1:
+        return x @ materialize(cores).T
+    start = contraction_start(cores) if start is None else start
+    order = [(start + k) % d for k in range(d)]
+    cols = [c.shape[1] for c in cores]
+    lead = x.shape[:-1]
+    z = x.reshape(-1, *cols).permute(0, *(1 + o for o in order))  # [N, J_o0, …, J_o(D-1)]
+    n = z.shape[0]
+
+    first = cores[order[0]]
+    z = torch.einsum("njm,ijab->nmiab", z.reshape(n, cols[order[0]], -1), first)
+    for o in order[1:-1]:
+        z = z.reshape(n, cols[o], -1, *z.shape[-2:])
+        z = torch.einsum("njmab,ijbc->nmiac", z, cores[o])
+    last = cores[order[-1]]
+    z = z.reshape(n, cols[order[-1]], -1, *z.shape[-2:])
+    z = torch.einsum("njmab,ijba->nmi", z, last)  # [N, (I_o0 … I_o(D-2)), I_o(D-1)]
+
+    rows_in_order = [cores[o].shape[0] for o in order]
+    z = z.reshape(n, *rows_in_order).permute(0, *(1 + order.index(k) for k in range(d)))
+    return z.reshape(*lead, -1)
+
+
+def apply_to_weight(weight: Tensor, cores: Cores) -> Tensor:
+    """``W · T`` for ``W`` of shape ``[out, n]`` (any trailing dims flattened into ``n``),
+    mode by mode over the input dim: never builds the ``n × n`` T."""
+    flat = weight.reshape(weight.shape[0], -1)
+    return apply(flat, transpose(cores)).reshape(weight.shape)
+
+
+def product_cores(a: Cores, b: Cores) -> Cores:
+    """Cores of ``TRM(a) · TRM(b)ᵀ``: ``C^d[i, j] = Σ_l a^d[i, l] ⊗ b^d[j, l]`` (bond R_a·R_b)."""
+    out = []
+    for ca, cb in zip(a, b, strict=True):
+        i, _, ra, _ = ca.shape
+        j, _, rb, _ = cb.shape
+        out.append(torch.einsum("ilab,jlcd->ijacbd", ca, cb).reshape(i, j, ra * rb, ra * rb))
+    return out
+
+
+def _slice_distance(cores: Cores, anchor: Cores) -> Tensor:
+    """``Σ_d Σ_{r,r'} ‖cores^d[:, :, r, r'] − anchor^d[:, :, r, r']‖_F``."""
+    return sum(torch.linalg.vector_norm(c - a.to(c), dim=(0, 1)).sum() for c, a in zip(cores, anchor, strict=True))
+
+
+def identity_regularizer(cores: Cores, anchor: Cores) -> Tensor:
+    """Slice-wise distance of the cores from an identity init ``anchor`` (paper's R_I, whose
+    anchor is ``I/R``; here the anchor is whichever identity init the cores started from).
+    Zero at init. A surrogate: the ring's gauge freedom lets ``T = I`` with R_I > 0."""
+    return _slice_distance(cores, anchor)
+
+
+def orthogonal_regularizer(cores: Cores, anchor: Cores) -> Tensor:
+    """Slice-wise distance of ``TTᵀ``'s cores (product rule) from those of the anchor's
+    ``TTᵀ = I`` (paper's R_O). Zero at init."""
+    return _slice_distance(product_cores(cores, cores), product_cores(anchor, anchor))
