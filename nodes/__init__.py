@@ -1,11 +1,21 @@
 """ComfyUI glue: every touch of the host's API lives in this package."""
 
+import os
+
+import folder_paths
 from comfy_api.latest import ComfyExtension, io
+
+from . import weight_adapters
+from .apply import NODES as APPLY_NODES
+
+weight_adapters.register()
+# A dedicated models/tlora folder, listed with the loras (the stock LoRA loader sees it too).
+folder_paths.add_model_folder_path("loras", os.path.join(folder_paths.models_dir, "tlora"))
 
 
 class TLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return [*APPLY_NODES]
 
 
 async def comfy_entrypoint() -> TLoRAExtension:

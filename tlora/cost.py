@@ -27,6 +27,9 @@ PATHS = ("merged", "transform", "contract")
 # MAC-equivalents per element moved by a copy or elementwise op, and per launched kernel.
 MEMORY_COST = 200.0
 KERNEL_COST = 2.0e5
+# A dense T (in × in) is never built above this many elements (64 MiB in fp32): merging a
+# 10240-wide feed-forward weight goes mode by mode instead.
+MAX_DENSE_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,25 @@ def materialize_cost(shape: LayerShape) -> float:
     return n * n * (r * r + 2 * MEMORY_COST) + KERNEL_COST * len(shape.factors)
 
 
+def dense_merge_is_cheaper(shape: LayerShape) -> bool:
+    """Whether ``W·T`` is cheaper through a dense T than mode by mode (and T may be built)."""
+    n, m = shape.in_features, shape.out_features
+    if n * n > MAX_DENSE_ELEMENTS:
+        return False
+    return materialize_cost(shape) + m * n * n < contraction_cost(m, shape)
+
+
 def path_costs(tokens: int, shape: LayerShape) -> dict[str, float]:
     """Estimated forward+backward cost (beyond the shared frozen matmuls) of each path."""
     n, m, rr = shape.in_features, shape.out_features, shape.residual_rank
     residual_act = 3 * (tokens * (n + m) * rr + 2 * KERNEL_COST) + 2 * MEMORY_COST * tokens * m if rr else 0.0
-    weight_t = min(contraction_cost(m, shape), materialize_cost(shape) + m * n * n) if shape.factors else 0.0
+    weight_t = 0.0
+    if shape.factors:
+        dense = dense_merge_is_cheaper(shape)
+        weight_t = materialize_cost(shape) + m * n * n if dense else contraction_cost(m, shape)
     merged = 3 * (weight_t + m * n * (rr + MEMORY_COST) + KERNEL_COST) + tokens * n * m
     costs = {"merged": merged, "contract": 3 * contraction_cost(tokens, shape) + residual_act}
-    if shape.factors:
+    if shape.factors and n * n <= MAX_DENSE_ELEMENTS:
         transform_act = tokens * n * (n + MEMORY_COST)
         costs["transform"] = 3 * (materialize_cost(shape) + transform_act) + residual_act
     return costs

@@ -129,11 +129,16 @@ def apply(x: Tensor, cores: Cores, start: int | None = None) -> Tensor:
     return z.reshape(*lead, -1)
 
 
-def apply_to_weight(weight: Tensor, cores: Cores) -> Tensor:
+def apply_to_weight(weight: Tensor, cores: Cores, max_elements: int = 1 << 24) -> Tensor:
     """``W · T`` for ``W`` of shape ``[out, n]`` (any trailing dims flattened into ``n``),
-    mode by mode over the input dim: never builds the ``n × n`` T."""
+    mode by mode over the input dim: never builds the ``n × n`` T. Rows go in chunks so
+    that no intermediate exceeds ``max_elements`` (the contraction holds ``rows·n·R²``)."""
     flat = weight.reshape(weight.shape[0], -1)
-    return apply(flat, transpose(cores)).reshape(weight.shape)
+    cores_t = transpose(cores)
+    rank = cores[0].shape[2]
+    rows = max(1, max_elements // (flat.shape[1] * rank * rank))
+    out = torch.cat([apply(chunk, cores_t) for chunk in flat.split(rows)])
+    return out.reshape(weight.shape)
 
 
 def product_cores(a: Cores, b: Cores) -> Cores:

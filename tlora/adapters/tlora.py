@@ -13,6 +13,7 @@ TLoRA* (TRM + LoRA), transform-only, residual-only and plain LoRA.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -92,6 +93,14 @@ def method_name(config: TLoRAConfig) -> str:
     return "tlora" if config.residual == "tr" else "tlora_star"
 
 
+def _indexed(tensors: Mapping[str, Tensor], name: str) -> list[Tensor]:
+    """``tensors[f"{name}.0"], tensors[f"{name}.1"], …`` up to the first missing index."""
+    out = []
+    while f"{name}.{len(out)}" in tensors:
+        out.append(tensors[f"{name}.{len(out)}"])
+    return out
+
+
 class TLoRA(Adapter):
     """``W' = W·T + s·Δ`` for one Linear or Conv2d weight.
 
@@ -100,13 +109,28 @@ class TLoRA(Adapter):
     ``lora_up`` ``[out, r]`` and ``lora_down`` ``[r, in]`` (LoRA).
     """
 
-    def __init__(self, weight_shape: tuple[int, ...], config: TLoRAConfig = PRESETS["tlora"], *, seed: int = 0):
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        config: TLoRAConfig = PRESETS["tlora"],
+        *,
+        seed: int = 0,
+        in_factors: tuple[int, ...] | None = None,
+        out_factors: tuple[int, ...] | None = None,
+    ):
         super().__init__(weight_shape)
         self.config = config
         self.method = method_name(config)
+        self.scale = config.scale
         gen = torch.Generator().manual_seed(seed)
-        self.in_factors = factorize(self.in_features, config.num_factors)
-        self.out_factors = factorize(self.out_features, config.num_factors)
+        self.in_factors = in_factors or factorize(self.in_features, config.num_factors)
+        self.out_factors = out_factors or factorize(self.out_features, config.num_factors)
+        for side, factors, width in (
+            ("input", self.in_factors, self.in_features),
+            ("output", self.out_factors, self.out_features),
+        ):
+            if math.prod(factors) != width:
+                raise ValueError(f"{side} factors {factors} do not multiply to the layer's {side} width {width}")
 
         self.transform = nn.ParameterList()
         self._anchor: list[Tensor] = []
@@ -141,6 +165,40 @@ class TLoRA(Adapter):
             effective_rank,
         )
 
+    @classmethod
+    def from_tensors(cls, weight_shape: tuple[int, ...], tensors: Mapping[str, Tensor], scale: float) -> TLoRA:
+        """Rebuild an adapter from its ``state_dict`` alone (ranks and factors read off the
+        tensor shapes), with residual multiplier ``scale``. Raises ValueError when the tensors
+        are incomplete or do not fit ``weight_shape``."""
+        cores = _indexed(tensors, "transform")
+        outs, ins = _indexed(tensors, "residual_out"), _indexed(tensors, "residual_in")
+        has_lora = "lora_up" in tensors or "lora_down" in tensors
+        if bool(outs) != bool(ins) or (has_lora and not {"lora_up", "lora_down"} <= set(tensors)):
+            raise ValueError(f"incomplete residual tensors: {sorted(tensors)}")
+        if not (cores or outs or has_lora):
+            raise ValueError(f"no TLoRA tensors among {sorted(tensors)}")
+        if outs:
+            residual, rank = "tr", outs[0].shape[1]
+        elif has_lora:
+            residual, rank = "lora", tensors["lora_up"].shape[1]
+        else:
+            residual, rank = "none", 0
+        config = TLoRAConfig(
+            transform_rank=cores[0].shape[2] if cores else 0,
+            residual=residual,
+            residual_rank=rank,
+            num_factors=len(cores or ins or [None]),
+        )
+        in_factors = tuple(c.shape[1] for c in cores) or tuple(c.shape[0] for c in ins) or None
+        out_factors = tuple(c.shape[0] for c in outs) or None
+        adapter = cls(weight_shape, config, in_factors=in_factors, out_factors=out_factors)
+        try:
+            adapter.load_state_dict({k: v.float() for k, v in tensors.items()})
+        except RuntimeError as err:
+            raise ValueError(f"tensors do not fit a layer weight of shape {tuple(weight_shape)}: {err}") from None
+        adapter.scale = float(scale)
+        return adapter
+
     # -- the structured pieces -------------------------------------------------------------
     def cores(self) -> list[Tensor]:
         return list(self.transform)
@@ -164,16 +222,14 @@ class TLoRA(Adapter):
         self._check_weight(weight)
         flat = weight.float().reshape(self.out_features, self.in_features)
         if self.config.transform_rank:
-            if cost.materialize_cost(self.cost_shape) + self.out_features * self.in_features**2 < (
-                cost.contraction_cost(self.out_features, self.cost_shape)
-            ):
+            if cost.dense_merge_is_cheaper(self.cost_shape):
                 flat = flat @ self.transform_matrix()
             else:
                 flat = trm.apply_to_weight(flat, self.cores())
         factors = self.residual_factors()
         if factors is not None:
             up, down = factors
-            flat = torch.addmm(flat, up, down, alpha=self.config.scale)
+            flat = torch.addmm(flat, up, down, alpha=self.scale)
         return flat.reshape(self.weight_shape)
 
     def choose_path(self, tokens: int) -> str:
@@ -198,7 +254,7 @@ class TLoRA(Adapter):
         factors = self.residual_factors()
         if factors is not None:
             up, down = factors
-            y = y + ((x32 @ down.T) @ (up.T * self.config.scale)).to(y.dtype)
+            y = y + ((x32 @ down.T) @ (up.T * self.scale)).to(y.dtype)
         return y
 
     def regularizer(self) -> Tensor:

@@ -1,0 +1,202 @@
+"""Apply TLoRA and TLoRA Info: use an adapter file on a model, or read what one is.
+
+Applying goes through ComfyUI's own LoRA machinery (``comfy.sd.load_lora_for_models``, with
+this pack's adapters registered in ``comfy.weight_adapter``), so the result is exactly what the
+stock Load LoRA node gives; this node adds the checks a user needs before that: the file is
+readable, every module in it matches a layer of this model, and every shape fits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.lora
+import comfy.sd
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..tlora.format import AdapterFile, AdapterFileError, build_adapter, load_adapter_file, load_tensors
+
+log = logging.getLogger("comfyui-tlora")
+LORA_FOLDER = "loras"
+CATEGORY = "loaders/tlora"
+
+
+def adapter_files() -> list[str]:
+    return folder_paths.get_filename_list(LORA_FOLDER)
+
+
+def resolve_adapter_path(name: str) -> Path:
+    """The full path of an adapter file chosen by name, or a clear error (V3 combos are not
+    validated by ComfyUI itself)."""
+    if name not in adapter_files():
+        folders = ", ".join(folder_paths.get_folder_paths(LORA_FOLDER))
+        raise ValueError(
+            f"adapter file {name!r} is not in ComfyUI's loras folders ({folders}); "
+            "put it there or pick one from the list"
+        )
+    return Path(folder_paths.get_full_path_or_raise(LORA_FOLDER, name))
+
+
+def architecture_of(model) -> str:
+    """ComfyUI's name for a loaded model's family (e.g. ``SD15``, ``SDXL``)."""
+    return type(model.model.model_config).__name__
+
+
+@dataclass
+class FitReport:
+    """How an adapter file's modules map onto a model."""
+
+    matched: dict[str, str]  # file module → model state key
+    unmatched: list[str]
+    misfit: dict[str, str]  # file module → why its tensors do not fit
+    skipped_text_encoder: list[str]
+
+    def problems(self, file: AdapterFile, architecture: str) -> str | None:
+        total = len(file.modules) - len(self.skipped_text_encoder)
+        made_for = file.metadata.get("tlora.base_model", "an unrecorded model")
+        where = f"It was made for {made_for}; this model is {architecture}."
+        if self.unmatched:
+            return (
+                f"{file.path.name}: {len(self.matched)} of {total} modules match a layer of this model "
+                f"(no layer for e.g. {', '.join(self.unmatched[:3])}). {where} "
+                "Use an adapter trained on this model family."
+            )
+        if self.misfit:
+            module, why = next(iter(self.misfit.items()))
+            return (
+                f"{file.path.name}: {len(self.misfit)} of {total} modules do not fit this model's weights "
+                f"(e.g. {module}: {why}). {where} Use an adapter trained on this model family."
+            )
+        return None
+
+
+def check_fit(file: AdapterFile, model, clip) -> FitReport:
+    """Match every module of ``file`` to a weight of ``model`` (and ``clip``) and check that
+    its adapter can be rebuilt for that weight's shape."""
+    key_map: dict = {}
+    weights = {}
+    if model is not None:
+        comfy.lora.model_lora_keys_unet(model.model, key_map)
+        weights.update(model.model.state_dict())
+    if clip is not None:
+        comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        weights.update(clip.cond_stage_model.state_dict())
+    report = FitReport({}, [], {}, [])
+    for module, group in file.modules.items():
+        target = key_map.get(module)
+        if isinstance(target, tuple):
+            target = target[0]
+        if target is None or target not in weights:
+            if module.startswith("text_encoders.") and clip is None:
+                report.skipped_text_encoder.append(module)
+            else:
+                report.unmatched.append(module)
+            continue
+        report.matched[module] = target
+        try:
+            build_adapter(tuple(weights[target].shape), group)
+        except ValueError as err:
+            report.misfit[module] = str(err)
+    return report
+
+
+def apply_adapter_file(model, clip, path: Path, strength_model: float, strength_clip: float):
+    """Check ``path`` against the model, then patch through ComfyUI's LoRA loader."""
+    file = load_adapter_file(path)
+    report = check_fit(file, model, clip)
+    problem = report.problems(file, architecture_of(model))
+    if problem:
+        raise ValueError(problem)
+    if report.skipped_text_encoder:
+        log.warning(
+            "%s: %d text-encoder modules not applied (connect a CLIP to apply them)",
+            path.name,
+            len(report.skipped_text_encoder),
+        )
+    return comfy.sd.load_lora_for_models(model, clip, load_tensors(path), strength_model, strength_clip)
+
+
+class ApplyTLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TLoRAApply",
+            display_name="Apply TLoRA",
+            category=CATEGORY,
+            description="Apply a TLoRA, SODA or LoRA adapter file to a model (and its text encoder). "
+            "Strength scales the weight change linearly; negative values invert it.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("adapter_name", options=adapter_files(), tooltip="A file in ComfyUI's loras folders."),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
+                io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01),
+                io.Clip.Input("clip", optional=True),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
+        path = resolve_adapter_path(adapter_name)
+        if strength_model == 0 and strength_clip == 0:
+            return io.NodeOutput(model, clip)
+        try:
+            new_model, new_clip = apply_adapter_file(model, clip, path, strength_model, strength_clip)
+        except AdapterFileError as err:
+            raise ValueError(str(err)) from None
+        return io.NodeOutput(new_model, new_clip)
+
+
+def describe(file: AdapterFile) -> dict:
+    """What a person wants to know about an adapter file before applying it."""
+    meta = file.metadata
+    params = sum(t.numel() for group in file.modules.values() for t in group.values() if t.ndim > 0)
+    targets = meta.get("tlora.targets")
+    return {
+        "file": file.path.name,
+        "method": meta.get(
+            "tlora.method", "lora" if all("lora_up.weight" in g for g in file.modules.values()) else "?"
+        ),
+        "parameters": params,
+        "modules": len(file.modules),
+        "targets": json.loads(targets) if targets else sorted({m.rsplit(".", 1)[-1] for m in file.modules}),
+        "base_model": meta.get("tlora.base_model", "unknown"),
+        "steps": meta.get("tlora.steps", "unknown"),
+        "transform_rank": meta.get("tlora.transform_rank"),
+        "residual_rank": meta.get("tlora.residual_rank"),
+        "format_version": meta.get("tlora.format_version", "none (not written by this pack)"),
+    }
+
+
+def describe_text(info: dict) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in info.items() if v is not None)
+
+
+class TLoRAInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TLoRAInfo",
+            display_name="TLoRA Info",
+            category=CATEGORY,
+            description="Show what an adapter file is: method, parameters, target layers, base model, steps.",
+            inputs=[io.Combo.Input("adapter_name", options=adapter_files())],
+            outputs=[io.String.Output(display_name="info")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, adapter_name) -> io.NodeOutput:
+        try:
+            info = describe(load_adapter_file(resolve_adapter_path(adapter_name)))
+        except AdapterFileError as err:
+            raise ValueError(str(err)) from None
+        text = describe_text(info)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+NODES = [ApplyTLoRA, TLoRAInfo]
