@@ -66,8 +66,7 @@ def test_fast_paths_equal_materialized(factors, rank):
     dense = trm.materialize(cores)
     n = dense.shape[0]
     x = torch.randn(2, 5, n)
-    for start in range(len(factors)):
-        assert rel_err(trm.apply(x, cores, start=start), x @ dense.T) < 1e-5
+    assert rel_err(trm.apply(x, cores), x @ dense.T) < 1e-5
     w = torch.randn(9, n)
     assert rel_err(trm.apply_to_weight(w, cores), w @ dense) < 1e-5
     conv = torch.randn(6, n, 1, 1)
@@ -80,12 +79,6 @@ def test_rectangular_cores():
     assert dense.shape == (24, 10)
     x = torch.randn(4, 10)
     assert rel_err(trm.apply(x, cores), x @ dense.T) < 1e-5
-
-
-def test_contraction_puts_smallest_core_in_the_middle():
-    cores = random_cores((8, 4, 10), 2)
-    assert trm.contraction_start(cores) == 0  # order 0, 1, 2: the 4 sits in the middle
-    assert trm.contraction_start(random_cores((4, 8, 10), 2)) == 2  # order 2, 0, 1
 
 
 def test_product_rule():

@@ -55,10 +55,8 @@ def contraction_cost(rows: int, shape: LayerShape) -> float:
         return 0.0
     if len(f) == 1:
         return rows * n * n
-    ends = sorted(f)[-2:]  # contraction_start puts the smallest cores in the middle
-    middle = sum(f) - sum(ends)
-    macs = rows * n * (sum(ends) * r * r + middle * r**3)
-    moved = rows * n * r * r * len(f)
+    macs = rows * n * ((f[0] + f[-1]) * r * r + sum(f[1:-1]) * r**3)
+    moved = rows * n * r * r * (len(f) + 1)
     return macs + MEMORY_COST * moved + KERNEL_COST * 2 * len(f)
 
 

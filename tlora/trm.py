@@ -9,8 +9,8 @@ Everything here is stateless; :mod:`tlora.adapters.tlora` holds the cores as par
 
 Paths that never build ``T`` (``n × n``):
 - :func:`apply` computes ``x @ Tᵀ`` by contracting the rows of ``x`` with one core at a
-  time (cost ≈ ``N·n·(I_first R² + Σ_mid I_d R³ + I_last R²)``), closing the ring with a
-  single two-bond contraction;
+  time (cost ≈ ``N·n·(I_D R² + Σ_mid I_d R³ + I_1 R²)``), closing the ring with a single
+  contraction over both bonds;
 - ``W·T`` for merging is ``apply(W, transpose(cores))``, mode by mode over W's input dim.
 """
 
@@ -86,47 +86,33 @@ def materialize(cores: Cores) -> Tensor:
     return torch.einsum("ijab,kmba->ikjm", acc, last).reshape(rows, cols)
 
 
-def contraction_start(cores: Cores) -> int:
-    """Where :func:`apply` starts the ring: the middle cores cost R³ per element, the two
-    ends R², so for D = 3 the smallest core goes in the middle."""
-    d = len(cores)
-    if d < 3:
-        return 0
-    sizes = [c.shape[0] * c.shape[1] for c in cores]
-    middle_cost = [sum(sizes[(s + k) % d] for k in range(1, d - 1)) for s in range(d)]
-    return min(range(d), key=middle_cost.__getitem__)
-
-
-def apply(x: Tensor, cores: Cores, start: int | None = None) -> Tensor:
+def apply(x: Tensor, cores: Cores) -> Tensor:
     """``x @ Tᵀ`` for ``x`` of shape ``[..., n_in]`` without building T.
 
-    The ring is traced cyclically from core ``start`` (default :func:`contraction_start`):
-    contract the first core over its column index (opening bonds ``a, b``), each middle core
-    over its column index and bond ``b``, and the last over its column index and both bonds.
-    Every step is one two-operand contraction, i.e. one batched matmul.
+    Rows stay first and the cores are contracted from the last (least significant) to the
+    first, so every step is one (batched) matmul over a contiguous view: the last core maps
+    ``j_D → (p, i_D, q)``, each middle core contracts ``(j_d, p)`` next to each other, and the
+    first closes the ring over ``(j_1, s, q)`` after the only copy. Cost ≈
+    ``N·n·(I_D R² + Σ_mid I_d R³ + I_1 R²)`` MACs with ``N·n·R²``-sized intermediates.
     """
     d = len(cores)
     if d == 1:
         return x @ materialize(cores).T
-    start = contraction_start(cores) if start is None else start
-    order = [(start + k) % d for k in range(d)]
     cols = [c.shape[1] for c in cores]
+    rows = [c.shape[0] for c in cores]
+    r = cores[0].shape[2]
     lead = x.shape[:-1]
-    z = x.reshape(-1, *cols).permute(0, *(1 + o for o in order))  # [N, J_o0, …, J_o(D-1)]
-    n = z.shape[0]
-
-    first = cores[order[0]]
-    z = torch.einsum("njm,ijab->nmiab", z.reshape(n, cols[order[0]], -1), first)
-    for o in order[1:-1]:
-        z = z.reshape(n, cols[o], -1, *z.shape[-2:])
-        z = torch.einsum("njmab,ijbc->nmiac", z, cores[o])
-    last = cores[order[-1]]
-    z = z.reshape(n, cols[order[-1]], -1, *z.shape[-2:])
-    z = torch.einsum("njmab,ijba->nmi", z, last)  # [N, (I_o0 … I_o(D-2)), I_o(D-1)]
-
-    rows_in_order = [cores[o].shape[0] for o in order]
-    z = z.reshape(n, *rows_in_order).permute(0, *(1 + order.index(k) for k in range(d)))
-    return z.reshape(*lead, -1)
+    k = math.prod(lead)
+    last = cores[-1].permute(1, 2, 0, 3).reshape(cols[-1], -1)  # [j, (p i q)]
+    z = x.reshape(-1, cols[-1]) @ last  # [(K, J_1..J_{D-1}), (p, i_D, q)]
+    done = rows[-1]
+    for m in range(d - 2, 0, -1):
+        lhs = cores[m].permute(2, 0, 1, 3).reshape(r * rows[m], cols[m] * r)  # [(s i), (j p)]
+        z = torch.matmul(lhs, z.reshape(-1, cols[m] * r, done * r))  # [(K, J_1..J_{m-1}), (s i_m), (done q)]
+        done *= rows[m]
+    z = z.reshape(k, cols[0], r, done, r).permute(0, 1, 2, 4, 3).reshape(k, cols[0] * r * r, done)
+    first = cores[0].permute(0, 1, 3, 2).reshape(rows[0], cols[0] * r * r)  # [i, (j s q)]
+    return torch.matmul(first, z).reshape(*lead, -1)
 
 
 def apply_to_weight(weight: Tensor, cores: Cores, max_elements: int = 1 << 24) -> Tensor:
