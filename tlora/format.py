@@ -115,27 +115,29 @@ def save_adapters(
     metadata: Mapping[str, str] | None = None,
     *,
     overwrite: bool = False,
-    extra_tensors: Mapping[str, Tensor] | None = None,
 ) -> Path:
-    """Write ``module → adapter`` (plus ``extra_tensors``) to ``path`` atomically: a temporary
-    file in the same folder, fsync'd, then renamed. Refuses to replace an existing file unless
+    """Write ``module → adapter`` to ``path`` atomically (see :func:`write_safetensors`), with
+    the format version and a checksum in the metadata."""
+    tensors = {f"{module}.{suffix}": t for module, a in adapters.items() for suffix, t in adapter_tensors(a).items()}
+    meta = {"tlora.format_version": FORMAT_VERSION, **{k: str(v) for k, v in (metadata or {}).items()}}
+    meta[CHECKSUM_KEY] = checksum(tensors, meta)
+    return write_safetensors(path, tensors, meta, overwrite=overwrite)
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str], *, overwrite: bool = False
+) -> Path:
+    """Atomic write: a temporary file in the same folder, fsync'd, then renamed over ``path``,
+    so a crash never leaves a half-written file. Refuses to replace an existing file unless
     ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
-    tensors = {
-        f"{module}.{suffix}": t.contiguous()
-        for module, a in adapters.items()
-        for suffix, t in adapter_tensors(a).items()
-    }
-    tensors.update({k: v.contiguous() for k, v in (extra_tensors or {}).items()})
-    meta = {"tlora.format_version": FORMAT_VERSION, **{k: str(v) for k, v in (metadata or {}).items()}}
-    meta[CHECKSUM_KEY] = checksum(tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
