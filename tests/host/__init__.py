@@ -1,0 +1,1 @@
+"""Tests against a real ComfyUI host (skipped when none is found; see conftest.py)."""

@@ -1,0 +1,129 @@
+"""A tiny SD1.5-layout checkpoint built from ComfyUI's own module classes.
+
+ComfyUI's layers (``comfy.ops.disable_weight_init``) skip weight init, so every tensor is
+initialized here explicitly and deterministically. Only import this module's functions after
+the ``comfy`` fixture has put the host on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+# The UNet: SD15's detected config (context_dim 768, model_channels 320, conv proj_in) at the smallest
+# depth: one level, one ResBlock, one transformer block per spatial transformer.
+UNET_CONFIG = {
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1],
+    "channel_mult": [1],
+    "transformer_depth": [1],
+    "transformer_depth_output": [1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": 768,
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": False,
+    "legacy": False,
+    "adm_in_channels": None,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+VAE_PREFIX = "first_stage_model."
+
+
+def init_weights_(module: torch.nn.Module, generator: torch.Generator, extra: dict | None = None) -> None:
+    """Initialize every parameter and floating buffer of ``module`` in place.
+
+    Linear/conv weights ~ N(0, 1/fan_in) with fan_in = in_features or in_channels/groups * prod(kernel);
+    biases 0; norm weights 1, biases 0; embeddings N(0, 0.02²). ``extra`` maps the names of any other
+    parameters to a fill value. Anything left over raises, so no tensor keeps uninitialized memory.
+    """
+    extra = dict(extra or {})
+    done: set[int] = set()
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+                fan_in = m.weight[0].numel()
+                m.weight.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+                done.add(id(m.weight))
+                if m.bias is not None:
+                    m.bias.zero_()
+                    done.add(id(m.bias))
+            elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                if m.weight is not None:
+                    m.weight.fill_(1.0)
+                    done.add(id(m.weight))
+                if m.bias is not None:
+                    m.bias.zero_()
+                    done.add(id(m.bias))
+            elif isinstance(m, torch.nn.Embedding):
+                m.weight.normal_(0.0, 0.02, generator=generator)
+                done.add(id(m.weight))
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if id(t) in done:
+                continue
+            if name in extra:
+                t.fill_(extra.pop(name))
+                done.add(id(t))
+            else:
+                raise RuntimeError(f"tiny checkpoint: no init rule for tensor {name!r} {tuple(t.shape)}")
+    if extra:
+        raise RuntimeError(f"tiny checkpoint: unknown extra init names {sorted(extra)}")
+
+
+def _prefixed(module: torch.nn.Module, prefix: str, dtype: torch.dtype, skip: tuple = ()) -> dict[str, torch.Tensor]:
+    return {
+        prefix + k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+        for k, v in module.state_dict().items()
+        if not k.startswith(skip)
+    }
+
+
+def build_state_dict(comfy_path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict:
+    """State dict of the tiny checkpoint: UNet (SD15 layout), full CLIP-L, TAESD as the VAE."""
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    ops = comfy.ops.disable_weight_init
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+
+    unet = UNetModel(**UNET_CONFIG, dtype=torch.float32, device="cpu", operations=ops)
+    init_weights_(unet, gen)
+    sd.update(_prefixed(unet, UNET_PREFIX, dtype))
+    del unet
+
+    clip_config = json.loads((Path(comfy_path) / "comfy" / "sd1_clip_config.json").read_text())
+    clip = comfy.clip_model.CLIPTextModel(clip_config, torch.float32, "cpu", ops)
+    init_weights_(clip, gen)
+    # SD1.5 checkpoints carry no text_projection (HF CLIPTextModel has none; ComfyUI would misplace it).
+    sd.update(_prefixed(clip, CLIP_PREFIX, dtype, skip=("text_projection",)))
+    del clip
+
+    vae = comfy.taesd.taesd.TAESD()
+    init_weights_(vae, gen, extra={"vae_scale": 1.0, "vae_shift": 0.0})
+    sd.update(_prefixed(vae, VAE_PREFIX, dtype))
+    return sd
+
+
+def write_tiny_sd15(path: str | Path, comfy_path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny SD1.5 checkpoint (fp16 safetensors, ~300 MB) to ``path`` and return it."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = build_state_dict(comfy_path, seed=seed)
+    safetensors.torch.save_file(sd, str(path), metadata={"comment": "comfyui-tlora test checkpoint, random weights"})
+    return path
