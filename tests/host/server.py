@@ -1,0 +1,238 @@
+"""Run the real ComfyUI server as a subprocess, with only this pack loaded, and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+PACK_DIR_NAME = "comfyui-tlora"
+IMPORT_ERRORS = ("Cannot import", "IMPORT FAILED", "Error while calling comfy_entrypoint", "Skip ")
+
+
+class ComfyServerError(RuntimeError):
+    """The server refused a prompt, failed to execute it, or died."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """``main.py --cpu`` on a loopback port; custom nodes limited to this pack (symlinked from a tmp dir).
+
+    Layout under ``base``: ``custom_nodes/<pack>`` -> repo root, ``input/ output/ temp/ user/``,
+    ``extra_model_paths.yaml`` and ``server.log``. ``models`` holds ``checkpoints/`` and ``loras/``.
+    """
+
+    def __init__(self, comfy_path: Path, pack_root: Path, base: Path, models: Path, python: str = sys.executable):
+        self.comfy_path = Path(comfy_path)
+        self.pack_root = Path(pack_root)
+        self.base = Path(base)
+        self.python = python
+        self.host = LOOPBACK
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.input_dir, self.output_dir = self.base / "input", self.base / "output"
+        self.temp_root, self.user_dir = self.base / "temp", self.base / "user"
+        self.temp_dir = self.temp_root / "temp"  # main.py appends "temp" to --temp-directory
+        self.checkpoints_dir, self.loras_dir = Path(models) / "checkpoints", Path(models) / "loras"
+        self.log_path = self.base / "server.log"
+        self._object_info: dict | None = None
+
+        # If the repo already sits in the host's custom_nodes, whitelist it there instead of adding a second copy.
+        own = self.comfy_path / "custom_nodes" / self.pack_root.name
+        if own.exists() and own.resolve() == self.pack_root.resolve():
+            self.pack_dir_name, self.custom_nodes_dir = self.pack_root.name, None
+        else:
+            self.pack_dir_name, self.custom_nodes_dir = PACK_DIR_NAME, self.base / "custom_nodes"
+            other = self.comfy_path / "custom_nodes" / PACK_DIR_NAME
+            if other.exists():
+                raise ComfyServerError(f"{other} is not this repo; whitelisting {PACK_DIR_NAME} would load it too")
+        self.pack_path = (self.custom_nodes_dir or self.comfy_path / "custom_nodes") / self.pack_dir_name
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def _write_config(self) -> Path:
+        for d in (self.input_dir, self.output_dir, self.temp_root, self.user_dir, self.checkpoints_dir, self.loras_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        paths = {"checkpoints": self.checkpoints_dir, "loras": self.loras_dir}
+        if self.custom_nodes_dir is not None:
+            self.custom_nodes_dir.mkdir(parents=True, exist_ok=True)
+            link = self.custom_nodes_dir / self.pack_dir_name
+            if not link.is_symlink():
+                link.symlink_to(self.pack_root, target_is_directory=True)
+            paths["custom_nodes"] = self.custom_nodes_dir
+        # utils/extra_config.py: {section: {folder_name: "path[\npath...]", is_default: bool}}; JSON strings are YAML.
+        lines = ["comfyui_tlora_tests:", "  is_default: true"]
+        lines += [f"  {name}: {json.dumps(str(p))}" for name, p in paths.items()]
+        config = self.base / "extra_model_paths.yaml"
+        config.write_text("\n".join(lines) + "\n")
+        return config
+
+    def command(self) -> list[str]:
+        config = self._write_config()
+        return [
+            self.python, "main.py", "--cpu",
+            "--listen", self.host, "--port", str(self.port),
+            "--disable-all-custom-nodes", "--whitelist-custom-nodes", self.pack_dir_name,
+            "--disable-api-nodes", "--disable-auto-launch",
+            "--output-directory", str(self.output_dir),
+            "--input-directory", str(self.input_dir),
+            "--temp-directory", str(self.temp_root),
+            "--user-directory", str(self.user_dir),
+            "--database-url", "sqlite:///:memory:",
+            "--extra-model-paths-config", str(config),
+        ]  # fmt: skip
+
+    def launch(self) -> None:
+        """Start the server process (returns at once; see wait_ready)."""
+        self.port = free_port(self.host)
+        cmd = self.command()
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.comfy_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        atexit.register(self.stop)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until /object_info answers, then check that the pack imported cleanly."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise ComfyServerError(f"ComfyUI exited with {code} while starting\n{self.log_tail()}")
+            try:
+                self._object_info = self._request("GET", "/object_info", timeout=30)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ComfyServerError(f"ComfyUI did not answer /object_info within {timeout:.0f} s\n{self.log_tail()}")
+            time.sleep(0.25)
+        self.check_pack_imported()
+
+    def start(self, timeout: float = 120.0) -> ComfyServer:
+        self.launch()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def check_pack_imported(self) -> None:
+        """The pack was imported without error: its line is in "Import times for custom nodes", not failed."""
+        log = self.log()
+        path = str(self.pack_path)
+        bad = [ln for ln in log.splitlines() if path in ln and any(s in ln for s in IMPORT_ERRORS)]
+        if bad or not any(ln.rstrip().endswith(f": {path}") for ln in log.splitlines()):
+            raise ComfyServerError(f"the pack at {path} did not import cleanly\n{self.log_tail(80)}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "--- server log tail ---\n" + "\n".join(self.log().splitlines()[-lines:])
+
+    # -- HTTP -----------------------------------------------------------------------------------------------
+
+    def _request(self, method: str, route: str, body: dict | None = None, timeout: float = 30.0):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + route, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with _OPENER.open(req, timeout=timeout) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def object_info(self, node_class: str | None = None, refresh: bool = False) -> dict:
+        """All node definitions (cached), or one node's definition."""
+        if refresh or self._object_info is None:
+            self._object_info = self._request("GET", "/object_info")
+        return self._object_info if node_class is None else self._object_info[node_class]
+
+    def queue(self, prompt: dict, client_id: str | None = None) -> str:
+        """POST an API-format prompt; returns its prompt_id. Raises with the validation errors on refusal."""
+        body = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
+        try:
+            answer = self._request("POST", "/prompt", body)
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")
+            raise ComfyServerError(f"/prompt refused the prompt ({e.code}): {detail}") from None
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 120.0, poll: float = 0.1) -> dict:
+        """Block until the prompt finished; returns its history entry. Raises with the node error on failure."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self._request("GET", f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+            if entry is not None:  # in the history only once finished
+                status = entry.get("status") or {}
+                if status.get("status_str") == "error" or status.get("completed") is False:
+                    raise ComfyServerError(execution_error_text(entry) + "\n" + self.log_tail(20))
+                return entry
+            if self.proc is None or self.proc.poll() is not None:
+                raise ComfyServerError(f"ComfyUI died while running {prompt_id}\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ComfyServerError(f"prompt {prompt_id} not done after {timeout:.0f} s\n{self.log_tail()}")
+            time.sleep(poll)
+
+    def run(self, prompt: dict, timeout: float = 120.0) -> dict:
+        """queue() + wait()."""
+        return self.wait(self.queue(prompt), timeout=timeout)
+
+    def output_files(self, history: dict) -> list[Path]:
+        """Paths of every file (images, ...) the finished prompt reported in its UI outputs."""
+        roots = {"output": self.output_dir, "temp": self.temp_dir, "input": self.input_dir}
+        files = []
+        for node_out in history.get("outputs", {}).values():
+            for items in node_out.values():
+                for item in items if isinstance(items, list) else []:
+                    if isinstance(item, dict) and "filename" in item and item.get("type", "output") in roots:
+                        files.append(roots[item.get("type", "output")] / item.get("subfolder", "") / item["filename"])
+        return files
+
+
+def execution_error_text(entry: dict) -> str:
+    status = entry.get("status") or {}
+    for event, data in status.get("messages", []):
+        if event == "execution_error":
+            tb = "".join(data.get("traceback") or [])
+            return (
+                f"node {data.get('node_id')} ({data.get('node_type')}) raised "
+                f"{data.get('exception_type')}: {data.get('exception_message')}\n{tb}"
+            )
+        if event == "execution_interrupted":
+            return f"execution interrupted at node {data.get('node_id')} ({data.get('node_type')})"
+    return f"prompt failed: status {json.dumps(status)[:2000]}"
