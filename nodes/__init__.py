@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import weight_adapters
 from .apply import NODES as APPLY_NODES
+from .train import NODES as TRAIN_NODES
 
 weight_adapters.register()
 # A dedicated models/tlora folder, listed with the loras (the stock LoRA loader sees it too).
@@ -15,7 +16,7 @@ folder_paths.add_model_folder_path("loras", os.path.join(folder_paths.models_dir
 
 class TLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*APPLY_NODES]
+        return [*APPLY_NODES, *TRAIN_NODES]
 
 
 async def comfy_entrypoint() -> TLoRAExtension:

@@ -14,7 +14,7 @@ import torch
 from comfy import weight_adapter
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..tlora.format import build_adapter, tlora_group
+from ..tlora.format import build_adapter, soda_group, tlora_group
 
 log = logging.getLogger("comfyui-tlora")
 
@@ -49,6 +49,9 @@ class _TensorGroupAdapter(WeightAdapterBase):
             self._built[key] = build_adapter(key[0], self.weights).to(weight.device)
         return self._built[key]
 
+    def prepare(self, adapter, weight: torch.Tensor) -> None:
+        """Anything an adapter needs from the weight before merging (SODA: its SVD)."""
+
     def calculate_weight(
         self,
         weight,
@@ -64,7 +67,9 @@ class _TensorGroupAdapter(WeightAdapterBase):
             return weight
         try:
             with torch.no_grad():
-                delta = self.adapter_for(weight).delta_weight(weight)
+                adapter = self.adapter_for(weight)
+                self.prepare(adapter, weight)
+                delta = adapter.delta_weight(weight)
                 weight += function((strength * delta).to(weight.dtype))
         except (ValueError, RuntimeError) as err:
             log.error("%s: %s not patched: %s", self.name, key, err)
@@ -78,7 +83,19 @@ class TLoRAWeightAdapter(_TensorGroupAdapter):
     find_group = staticmethod(tlora_group)
 
 
-ADAPTERS = (TLoRAWeightAdapter,)
+class SODAWeightAdapter(_TensorGroupAdapter):
+    """SODA / SVDiff: ``soda.*`` keys. The SVD is taken of the weight being patched; a weight
+    other than the one trained on (another checkpoint, or one already patched by an earlier
+    LoRA in a stack) only warns here: Apply TLoRA checks the model's own weights strictly."""
+
+    name = "soda"
+    find_group = staticmethod(soda_group)
+
+    def prepare(self, adapter, weight: torch.Tensor) -> None:
+        adapter.bind(weight, on_mismatch="warn")
+
+
+ADAPTERS = (TLoRAWeightAdapter, SODAWeightAdapter)
 
 
 def register() -> None:

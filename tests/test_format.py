@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from tlora import PRESETS, TLoRA
+from tlora import PRESETS, SODA, TLoRA, soda_preset
 from tlora.format import (
     AdapterFileError,
     build_adapter,
@@ -22,8 +22,15 @@ SHAPES = {
 }
 
 
+METHODS = [*sorted(PRESETS), "soda", "svdiff"]
+
+
 def trained(method, shape, seed=0):
-    adapter = TLoRA(shape, PRESETS[method])
+    if method in ("soda", "svdiff"):
+        adapter = SODA(shape, soda_preset(method))
+        adapter.bind(torch.randn(shape, generator=torch.Generator().manual_seed(100)))
+    else:
+        adapter = TLoRA(shape, PRESETS[method])
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter.parameters():
@@ -31,7 +38,7 @@ def trained(method, shape, seed=0):
     return adapter
 
 
-@pytest.fixture(params=sorted(PRESETS))
+@pytest.fixture(params=METHODS)
 def saved(request, tmp_path):
     adapters = {m: trained(request.param, s) for m, s in SHAPES.items()}
     path = save_adapters(tmp_path / "a.safetensors", adapters, {"tlora.method": request.param})
@@ -43,7 +50,7 @@ def test_round_trip_rebuilds_every_module_exactly(saved):
     loaded = load_adapter_file(path)
     assert sorted(loaded.modules) == sorted(SHAPES) and loaded.stray_keys == []
     for module, group in loaded.modules.items():
-        weight = torch.randn(SHAPES[module])
+        weight = torch.randn(SHAPES[module], generator=torch.Generator().manual_seed(100))
         rebuilt = build_adapter(weight.shape, group)
         torch.testing.assert_close(rebuilt.merged_weight(weight), adapters[module].merged_weight(weight))
 
@@ -51,10 +58,11 @@ def test_round_trip_rebuilds_every_module_exactly(saved):
 def test_suffixes_are_unambiguous(saved):
     path, adapters = saved
     keys = load_adapter_file(path).modules[next(iter(SHAPES))]
-    if next(iter(adapters.values())).method == "lora":
+    method = next(iter(adapters.values())).method
+    if method == "lora":
         assert set(keys) == {"lora_up.weight", "lora_down.weight", "alpha"}  # any LoRA loader reads it
-    else:
-        assert all(k.startswith("tlora.") for k in keys)  # nothing a stock loader half-applies
+    else:  # nothing a stock loader would half-apply
+        assert all(k.startswith("soda." if method in ("soda", "svdiff") else "tlora.") for k in keys)
 
 
 def test_metadata_and_version(saved):
@@ -140,14 +148,16 @@ def test_probing_a_module_finds_its_whole_group(saved):
     path, adapters = saved
     from safetensors.torch import load_file
 
-    from tlora.format import tlora_group
+    from tlora.format import soda_group, tlora_group
 
     tensors = load_file(path)
     module = next(iter(SHAPES))
-    group = tlora_group(tensors, module)
-    if next(iter(adapters.values())).method == "lora":
+    method = next(iter(adapters.values())).method
+    group = (soda_group if method in ("soda", "svdiff") else tlora_group)(tensors, module)
+    if method == "lora":
         assert group is None
     else:
         expected = load_adapter_file(path).modules[module]
         assert group.keys() == expected.keys() and all(torch.equal(group[k], expected[k]) for k in group)
     assert tlora_group(tensors, "diffusion_model.nothing") is None
+    assert soda_group(tensors, "diffusion_model.nothing") is None

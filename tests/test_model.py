@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tlora import PRESETS, TLoRA
-from tlora.model import attach, select_modules
+from tlora.model import attach, bypassed, make_adapters, select_modules
 
 
 class Attention(nn.Module):
@@ -59,6 +59,8 @@ def test_attach_and_detach():
         for p in adapters["attn2.to_q"].parameters():
             p.add_(0.1)
     assert not torch.allclose(block(x, ctx), before, atol=1e-3)
+    with bypassed(adapters.values()):
+        torch.testing.assert_close(block(x, ctx), before)
     block(x, ctx).sum().backward()
     assert all(p.grad is None for p in block.parameters())
     assert adapters["attn2.to_q"].transform[0].grad is not None
@@ -69,3 +71,23 @@ def test_attach_and_detach():
 def test_attach_reports_missing_modules():
     with pytest.raises(KeyError, match="no module"):
         attach({}, {"x.to_q": TLoRA((4, 4), PRESETS["lora"])})
+
+
+@pytest.mark.parametrize("method", ["tlora", "tlora_star", "transform", "residual", "lora", "soda", "svdiff"])
+def test_make_adapters_starts_at_the_base_model(method):
+    torch.manual_seed(0)
+    block = Block().requires_grad_(False)
+    x, ctx = torch.randn(2, 8, 4, 4), torch.randn(2, 5, 12)
+    before = block(x, ctx)
+    modules = select_modules(block, ["attention", "proj"])
+    adapters = make_adapters(modules, method, transform_rank=1, residual_rank=2, seed=3)
+    assert sorted(adapters) == sorted(modules)
+    assert all(a.method == method for a in adapters.values())
+    detach = attach(modules, adapters)
+    torch.testing.assert_close(block(x, ctx), before, atol=1e-5, rtol=1e-5)
+    detach()
+
+
+def test_make_adapters_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'dora'"):
+        make_adapters({}, "dora")

@@ -6,7 +6,8 @@ model weight (``diffusion_model.<unet module>``, ``text_encoders.<clip module>``
 - TLoRA family: ``tlora.transform.{d}``, ``tlora.residual_out.{d}``, ``tlora.residual_in.{d}``,
   ``tlora.lora_up``, ``tlora.lora_down`` and the scalar ``tlora.scale`` (present for every
   module: it marks the group);
-- SODA: ``soda.<tensor>`` (see :mod:`tlora.adapters.soda`), marked by ``soda.fingerprint``;
+- SODA: ``soda.delta``, ``soda.rotation.{d}`` (or ``soda.cayley.{d}``) and the int64 scalar
+  ``soda.base_fingerprint`` of the weight it was trained on (it marks the group);
 - plain LoRA: the standard ``lora_up.weight``, ``lora_down.weight``, ``alpha``, so any LoRA
   loader reads it.
 
@@ -30,11 +31,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .adapters.base import Adapter
+from .adapters.soda import SODA, soda_preset
 from .adapters.tlora import TLoRA
 
 FORMAT_VERSION = "1"
 CHECKSUM_KEY = "tlora.checksum"
 TLORA_MARK = "tlora.scale"
+SODA_MARK = "soda.base_fingerprint"
 LORA_MARK = "lora_up.weight"
 
 
@@ -52,6 +55,8 @@ def adapter_tensors(adapter: Adapter) -> dict[str, Tensor]:
         tensors = {f"tlora.{k}": v.detach().clone() for k, v in adapter.state_dict().items()}
         tensors[TLORA_MARK] = torch.tensor(adapter.scale, dtype=torch.float32)
         return tensors
+    if isinstance(adapter, SODA):
+        return {f"soda.{k}": v.detach().clone() for k, v in adapter.state_dict().items()}
     raise TypeError(f"no file format for {type(adapter).__name__}")
 
 
@@ -64,29 +69,52 @@ def build_adapter(weight_shape: tuple[int, ...], tensors: Mapping[str, Tensor]) 
         up, down = tensors["lora_up.weight"], tensors["lora_down.weight"]
         alpha = float(tensors["alpha"]) if "alpha" in tensors else up.shape[1]
         return TLoRA.from_tensors(weight_shape, {"lora_up": up, "lora_down": down}, alpha / up.shape[1])
+    if SODA_MARK in tensors:
+        inner = {k[len("soda.") :]: v for k, v in tensors.items() if k.startswith("soda.")}
+        rotation = "stiefel" if "rotation.0" in inner else "cayley" if "cayley.0" in inner else "none"
+        adapter = SODA(weight_shape, soda_preset("svdiff" if rotation == "none" else "soda", rotation=rotation))
+        try:
+            adapter.load_state_dict(inner)
+        except RuntimeError as err:
+            raise ValueError(f"SODA tensors do not fit a layer weight of shape {tuple(weight_shape)}: {err}") from None
+        return adapter
     raise ValueError(f"no adapter tensors among {sorted(tensors)[:6]}")
 
 
-MARKS = {TLORA_MARK: "tlora", LORA_MARK: "lora"}
+MARKS = {TLORA_MARK: "tlora", LORA_MARK: "lora", SODA_MARK: "soda"}
 TLORA_INDEXED = ("transform", "residual_out", "residual_in")
 TLORA_FIXED = ("lora_up", "lora_down")
 
 
-def tlora_group(tensors: Mapping[str, Tensor], module: str) -> dict[str, Tensor] | None:
-    """The TLoRA ``suffix → tensor`` group of ``module``, found by probing its known suffixes
-    (constant time in the file's size, as a loader calling it per model key needs), or None."""
-    if f"{module}.{TLORA_MARK}" not in tensors:
+SODA_INDEXED = ("rotation", "cayley")
+SODA_FIXED = ("delta",)
+
+
+def _probe(tensors, module, mark, namespace, fixed, indexed) -> dict[str, Tensor] | None:
+    """``module``'s ``suffix → tensor`` group of one family, found by probing the family's
+    known suffixes: constant time in the file's size, as a loader calling it per model key needs."""
+    if f"{module}.{mark}" not in tensors:
         return None
-    group = {TLORA_MARK: tensors[f"{module}.{TLORA_MARK}"]}
-    for name in TLORA_FIXED:
-        if f"{module}.tlora.{name}" in tensors:
-            group[f"tlora.{name}"] = tensors[f"{module}.tlora.{name}"]
-    for name in TLORA_INDEXED:
+    group = {mark: tensors[f"{module}.{mark}"]}
+    for name in fixed:
+        if f"{module}.{namespace}.{name}" in tensors:
+            group[f"{namespace}.{name}"] = tensors[f"{module}.{namespace}.{name}"]
+    for name in indexed:
         d = 0
-        while f"{module}.tlora.{name}.{d}" in tensors:
-            group[f"tlora.{name}.{d}"] = tensors[f"{module}.tlora.{name}.{d}"]
+        while f"{module}.{namespace}.{name}.{d}" in tensors:
+            group[f"{namespace}.{name}.{d}"] = tensors[f"{module}.{namespace}.{name}.{d}"]
             d += 1
     return group
+
+
+def tlora_group(tensors: Mapping[str, Tensor], module: str) -> dict[str, Tensor] | None:
+    """The TLoRA-family group of ``module`` in a file's tensors, or None."""
+    return _probe(tensors, module, TLORA_MARK, "tlora", TLORA_FIXED, TLORA_INDEXED)
+
+
+def soda_group(tensors: Mapping[str, Tensor], module: str) -> dict[str, Tensor] | None:
+    """The SODA group of ``module`` in a file's tensors, or None."""
+    return _probe(tensors, module, SODA_MARK, "soda", SODA_FIXED, SODA_INDEXED)
 
 
 def group_by_module(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:

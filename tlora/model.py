@@ -6,12 +6,15 @@ ComfyUI's (LDM) and diffusers' names for Stable Diffusion UNets and CLIP text en
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from torch import Tensor, nn
 
-from .adapters.base import Adapter, ConvArgs
+from .adapters.base import Adapter, ConvArgs, base_forward
+from .adapters.soda import SODA, SODA_PRESETS, soda_preset
+from .adapters.tlora import PRESETS, TLoRA, preset
 
 # Name suffixes of each target group.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -22,6 +25,7 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "text_attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
 }
 DEFAULT_TARGETS = ("attention",)
+METHODS = (*PRESETS, *SODA_PRESETS)
 
 
 def _matches(name: str, suffixes: Iterable[str], patterns: Iterable[str]) -> bool:
@@ -59,9 +63,24 @@ def adapted_forward(module: nn.Module, adapter: Adapter) -> Callable[[Tensor], T
     def forward(x: Tensor) -> Tensor:
         weight = module.weight.to(x.device)
         bias = None if module.bias is None else module.bias.to(x.device)
+        if getattr(adapter, "bypassed", False):
+            return base_forward(x, weight, bias, conv)
         return adapter(x, weight, bias, conv)
 
     return forward
+
+
+@contextlib.contextmanager
+def bypassed(adapters: Iterable[Adapter]) -> Iterator[None]:
+    """Run attached layers as the frozen base inside the block (e.g. DCO's reference pass)."""
+    adapters = list(adapters)
+    for a in adapters:
+        a.bypassed = True
+    try:
+        yield
+    finally:
+        for a in adapters:
+            a.bypassed = False
 
 
 def attach(modules: dict[str, nn.Module], adapters: dict[str, Adapter]) -> Callable[[], None]:
@@ -78,3 +97,35 @@ def attach(modules: dict[str, nn.Module], adapters: dict[str, Adapter]) -> Calla
             modules[name].__dict__.pop("forward", None)
 
     return detach
+
+
+def make_adapters(
+    modules: dict[str, nn.Module],
+    method: str,
+    *,
+    transform_rank: int = 2,
+    residual_rank: int = 6,
+    regularizer: str = "none",
+    regularizer_weight: float = 0.0,
+    seed: int = 0,
+) -> dict[str, Adapter]:
+    """A fresh adapter of ``method`` (see :data:`METHODS`) for each module, on the module's
+    device; SODA adapters take their SVD of the module's weight here. Layer ``i`` is seeded
+    with ``seed + i``. Ranks that a method does not use are ignored."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    adapters: dict[str, Adapter] = {}
+    for i, (name, module) in enumerate(modules.items()):
+        weight = module.weight
+        if method in SODA_PRESETS:
+            adapter = SODA(tuple(weight.shape), soda_preset(method)).to(weight.device)
+            adapter.bind(weight)
+        else:
+            overrides = {"regularizer": regularizer, "regularizer_weight": regularizer_weight}
+            if PRESETS[method].transform_rank:
+                overrides["transform_rank"] = transform_rank
+            if PRESETS[method].has_residual:
+                overrides["residual_rank"] = residual_rank
+            adapter = TLoRA(tuple(weight.shape), preset(method, **overrides), seed=seed + i).to(weight.device)
+        adapters[name] = adapter
+    return adapters

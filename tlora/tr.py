@@ -35,7 +35,10 @@ def chain(cores: Cores) -> Tensor:
     """``[Πn_d, R, R]``: the matrix product ``core^1[k_1] ⋯ core^D[k_D]`` for every index."""
     acc = cores[0]
     for core in cores[1:]:
-        acc = torch.einsum("iab,jbc->ijac", acc, core).reshape(-1, acc.shape[1], core.shape[2])
+        n, r, _ = acc.shape
+        m, _, s = core.shape
+        prod = acc.reshape(n * r, r) @ core.permute(1, 0, 2).reshape(r, m * s)  # [(i a), (j c)]
+        acc = prod.reshape(n, r, m, s).permute(0, 2, 1, 3).reshape(n * m, r, s)
     return acc
 
 

@@ -72,18 +72,13 @@ def reference_identity_cores(factors: tuple[int, ...], rank: int, dtype: torch.d
 
 
 def materialize(cores: Cores) -> Tensor:
-    """The dense ``[ΠI_d, ΠJ_d]`` matrix. Cost ≈ ``n_out·n_in·R²`` for the closing step."""
+    """The dense ``[ΠI_d, ΠJ_d]`` matrix, as :func:`apply` of the identity (``T = (I·Tᵀ)ᵀ``):
+    the same few matmuls as the fast path, ≈ ``n_in·n_out·(ΣI_d R²…R³)`` MACs."""
     if len(cores) == 1:
         return torch.einsum("ijaa->ij", cores[0])
-    acc = cores[0]
-    for core in cores[1:-1]:
-        i, j, r, _ = acc.shape
-        k, m, _, s = core.shape
-        acc = torch.einsum("ijab,kmbc->ikjmac", acc, core).reshape(i * k, j * m, r, s)
-    last = cores[-1]
-    rows = acc.shape[0] * last.shape[0]
-    cols = acc.shape[1] * last.shape[1]
-    return torch.einsum("ijab,kmba->ikjm", acc, last).reshape(rows, cols)
+    cols = math.prod(c.shape[1] for c in cores)
+    eye = torch.eye(cols, dtype=cores[0].dtype, device=cores[0].device)
+    return apply(eye, cores).T
 
 
 def apply(x: Tensor, cores: Cores) -> Tensor:
@@ -97,7 +92,7 @@ def apply(x: Tensor, cores: Cores) -> Tensor:
     """
     d = len(cores)
     if d == 1:
-        return x @ materialize(cores).T
+        return x @ torch.einsum("ijaa->ij", cores[0]).T
     cols = [c.shape[1] for c in cores]
     rows = [c.shape[0] for c in cores]
     r = cores[0].shape[2]
