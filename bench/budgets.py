@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import MODELS
 
-from tlora import TLoRA, preset
+from tlora import SODA, SODAConfig, TLoRA, preset, soda_preset
 
 ROWS = {
     "LoRA r=1": preset("lora", residual_rank=1),
@@ -26,6 +26,8 @@ ROWS = {
     "TLoRA*(2,4)": preset("tlora_star", transform_rank=2, residual_rank=4),
     "transform(2)": preset("transform", transform_rank=2),
     "residual TR(6)": preset("residual", residual_rank=6),
+    "SODA": soda_preset("soda"),
+    "SVDiff": soda_preset("svdiff"),
 }
 PAPER = {  # (model, row): millions of parameters reported in the papers
     ("SD1.5", "LoRA r=4"): 0.797,
@@ -37,7 +39,8 @@ PAPER = {  # (model, row): millions of parameters reported in the papers
 
 
 def count(layers, config) -> int:
-    return sum(TLoRA((out, inp), config).num_parameters() for _, out, inp in layers)
+    adapter = SODA if isinstance(config, SODAConfig) else TLoRA
+    return sum(adapter((out, inp), config).num_parameters() for _, out, inp in layers)
 
 
 def main() -> int:

@@ -4,13 +4,16 @@
 
 For each shape: the frozen base layer alone, LoRA r=4, and TLoRA(2,6) on each path
 (merged: W·T + sΔ built; transform: dense T applied to activations; contract: cores
-contracted with the activations), plus the path the cost model picks ("auto"). The input
-requires grad, as inside a network. Times are medians; ratios are to LoRA r=4.
+contracted with the activations), plus the path the cost model picks ("auto"). Then SODA
+on each path (merged: W' built with O applied mode by mode; activations: x·O·Vhᵀ·diag·Uᵀ),
+SODA with the dense O = Q_1⊗Q_2⊗Q_3 materialized as the reference code does, and SVDiff.
+The input requires grad, as inside a network. Times are medians; ratios are to LoRA r=4.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -20,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tlora import TLoRA, preset
+from tlora import SODA, TLoRA, preset, soda_preset
 
 SHAPES = [  # (label, out, in, tokens)
     ("SD1.5 self-attn 320 @4096", 320, 320, 4096),
@@ -32,14 +35,27 @@ SHAPES = [  # (label, out, in, tokens)
 ]
 TARGETS = {  # label: (row, max ratio to LoRA r=4) — issue #2's acceptance
     "SD1.5 self-attn 320 @4096": ("TLoRA(2,6) auto", 1.5),
+    "SDXL self-attn 640 @4096": ("SODA auto", 2.0),  # issue #3
     "SDXL cross-attn k 2048→1280 @77": ("TLoRA(2,6) auto", 3.0),
 }
 
 
+class DenseSODA(SODA):
+    """SODA's reference path: build the dense ``[in, in]`` O and ``W' = U diag(ReLU(σ+δ)) Vh Oᵀ``."""
+
+    def merged_weight(self, weight):
+        rotation = functools.reduce(torch.kron, self.rotation_factors())
+        return (self.U * self.spectrum()) @ self.Vh @ rotation.T
+
+
 def rows():
-    yield "LoRA r=4", preset("lora", residual_rank=4)
+    yield "LoRA r=4", TLoRA, preset("lora", residual_rank=4)
     for path in ("merged", "transform", "contract", "auto"):
-        yield f"TLoRA(2,6) {path}", preset("tlora", transform_rank=2, residual_rank=6, path=path)
+        yield f"TLoRA(2,6) {path}", TLoRA, preset("tlora", transform_rank=2, residual_rank=6, path=path)
+    for path in ("merged", "activations", "auto"):
+        yield f"SODA {path}", SODA, soda_preset("soda", path=path)
+    yield "SODA dense O (ref.)", DenseSODA, soda_preset("soda", path="merged")
+    yield "SVDiff auto", SODA, soda_preset("svdiff")
 
 
 def time_step(fn, repeats: int, device) -> float:
@@ -73,15 +89,17 @@ def bench_shape(out, inp, tokens, device, dtype, repeats):
         torch.nn.functional.linear(x, weight, bias).backward(grad)
 
     results = {"frozen base": time_step(base, repeats, device)}
-    for label, config in rows():
-        adapter = randomized(TLoRA((out, inp), config).to(device))
+    for label, kind, config in rows():
+        adapter = randomized(kind((out, inp), config).to(device))
+        if isinstance(adapter, SODA):
+            adapter.bind(weight)  # the SVD, once per base weight: not part of a step
 
         def step(adapter=adapter):
             adapter(x, weight, bias).backward(grad)
 
         results[label] = time_step(step, repeats, device)
         if label.endswith("auto"):
-            results["chosen"] = adapter.choose_path(tokens)
+            results[f"chosen by {label.split()[0]}"] = adapter.choose_path(tokens)
     return results
 
 
@@ -99,7 +117,8 @@ def main() -> int:
     for label, out, inp, tokens in SHAPES:
         res = bench_shape(out, inp, tokens, device, dtype, args.repeats)
         lora = res["LoRA r=4"]
-        print(f"\n{label}   (auto picks: {res.pop('chosen')})")
+        picks = {k.removeprefix("chosen by "): res.pop(k) for k in [k for k in res if k.startswith("chosen by ")]}
+        print(f"\n{label}   (auto picks: " + ", ".join(f"{m} {p}" for m, p in picks.items()) + ")")
         for row, seconds in res.items():
             print(f"  {row:<22} {seconds * 1e3:9.2f} ms   {seconds / lora:6.2f}× LoRA")
         if label in TARGETS:
