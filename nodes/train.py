@@ -248,6 +248,19 @@ class _Checkpointed:
             block.__dict__.pop("forward", None)
 
 
+def release_inference_tensors(model: torch.nn.Module) -> None:
+    """Replace parameters and buffers created under ``torch.inference_mode`` (ComfyUI loads
+    models inside it) by normal copies: autograd cannot save inference tensors for backward,
+    and the frozen weights are needed there (∂L/∂x = ∂L/∂y · W)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_inference():
+                module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                module._buffers[name] = buffer.clone()
+
+
 def patched_model(model, tensors: dict[str, torch.Tensor]):
     """A clone of ``model`` patched with adapter tensors through ComfyUI's LoRA loader."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
@@ -278,6 +291,7 @@ def train(
     mp = model.clone()
     with torch.inference_mode(False), torch.enable_grad():
         comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+        release_inference_tensors(mp.model)
         mp.model.requires_grad_(False)
         diffusion = mp.model.diffusion_model
         modules = {f"diffusion_model.{n}": m for n, m in select_modules(diffusion, spec.targets).items()}
@@ -362,7 +376,7 @@ class TrainTLoRA(io.ComfyNode):
                 io.Int.Input("steps", default=500, min=1, max=100000),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=True),
                 io.String.Input("output_name", default="tlora/my_adapter"),
                 io.Combo.Input(
                     "targets",
@@ -452,7 +466,7 @@ class TrainTLoRA(io.ComfyNode):
             output_path=output_path(output_name),
             overwrite=overwrite,
             resume_path=None if resume_from == RESUME_NONE else resolve_adapter_path(resume_from),
-            node_id=cls.hidden.unique_id,
+            node_id=cls.hidden.unique_id if cls.hidden else None,
         )
         result = train(model, latents, positive, spec, config, options)
         return io.NodeOutput(result.model, result.tensors, {"loss": result.losses}, str(result.path or ""))
