@@ -202,6 +202,25 @@ class AdapterFile:
         return self.metadata.get("tlora.method", "unknown")
 
 
+def describe(file: AdapterFile) -> dict:
+    """What a person wants to know about an adapter file before applying it."""
+    meta = file.metadata
+    targets = meta.get("tlora.targets")
+    plain_lora = all(LORA_MARK in group for group in file.modules.values())
+    return {
+        "file": file.path.name,
+        "method": meta.get("tlora.method", "lora" if plain_lora else "unknown"),
+        "parameters": sum(t.numel() for group in file.modules.values() for t in group.values() if t.ndim > 0),
+        "modules": len(file.modules),
+        "targets": json.loads(targets) if targets else sorted({m.rsplit(".", 1)[-1] for m in file.modules}),
+        "base_model": meta.get("tlora.base_model", "unknown"),
+        "steps": meta.get("tlora.steps", "unknown"),
+        "transform_rank": meta.get("tlora.transform_rank"),
+        "residual_rank": meta.get("tlora.residual_rank"),
+        "format_version": meta.get("tlora.format_version", "none (not written by this pack)"),
+    }
+
+
 def load_adapter_file(path: str | os.PathLike) -> AdapterFile:
     """Read and check an adapter file: readable, checksum intact (for files this pack wrote),
     and holding at least one adapter group. Raises :class:`AdapterFileError` saying what is
