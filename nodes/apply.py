@@ -3,14 +3,15 @@
 Applying goes through ComfyUI's own LoRA machinery (``comfy.sd.load_lora_for_models``, with
 this pack's adapters registered in ``comfy.weight_adapter``), so the result is exactly what the
 stock Load LoRA node gives; this node adds the checks a user needs before that: the file is
-readable, every module in it matches a layer of this model, and every shape fits.
+readable, every module in it matches a layer of this model, every shape fits, and (SODA) every
+layer was trained on this model's own weights.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import comfy.lora
@@ -18,11 +19,16 @@ import comfy.sd
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..tlora.format import AdapterFile, AdapterFileError, build_adapter, load_adapter_file, load_tensors
+from ..tlora.fingerprint import fingerprint
+from ..tlora.format import SODA_MARK, AdapterFile, AdapterFileError, build_adapter, load_adapter_file, load_tensors
 
 log = logging.getLogger("comfyui-tlora")
 LORA_FOLDER = "loras"
 CATEGORY = "loaders/tlora"
+ON_FINGERPRINT_MISMATCH = ["refuse", "warn"]
+FINGERPRINT_ADVICE = (
+    "Load the checkpoint it was trained on, or set on_fingerprint_mismatch to 'warn' to apply it anyway."
+)
 
 
 def adapter_files() -> list[str]:
@@ -54,6 +60,8 @@ class FitReport:
     unmatched: list[str]
     misfit: dict[str, str]  # file module → why its tensors do not fit
     skipped_text_encoder: list[str]
+    soda_checked: int = 0  # matched SODA modules whose base fingerprint was compared
+    fingerprint_mismatch: list[str] = field(default_factory=list)  # … and differs from this model's weight
 
     def problems(self, file: AdapterFile, architecture: str) -> str | None:
         total = len(file.modules) - len(self.skipped_text_encoder)
@@ -73,18 +81,41 @@ class FitReport:
             )
         return None
 
+    def fingerprint_problem(self, file: AdapterFile, architecture: str) -> str | None:
+        if not self.fingerprint_mismatch:
+            return None
+        made_for = file.metadata.get("tlora.base_model", "an unrecorded model")
+        return (
+            f"{file.path.name}: {len(self.fingerprint_mismatch)} of {self.soda_checked} SODA layers were trained on "
+            f"different base weights than this model's (e.g. {self.fingerprint_mismatch[0]}; made for {made_for}, "
+            f"this model is {architecture}). SODA rebuilds its SVD from the base weights, so on another checkpoint "
+            "it does not do what it learned."
+        )
+
+
+def original_weight(patcher, key: str, current):
+    """The model's own weight for ``key``: while a patched clone is loaded, ComfyUI keeps the
+    original in the patcher's (clone-shared) backup and the module holds the patched weight."""
+    backup = getattr(patcher, "backup", {}).get(key)
+    return current if backup is None else backup.weight
+
 
 def check_fit(file: AdapterFile, model, clip) -> FitReport:
     """Match every module of ``file`` to a weight of ``model`` (and ``clip``) and check that
     its adapter can be rebuilt for that weight's shape."""
     key_map: dict = {}
     weights = {}
+    owner = {}  # state key → the ModelPatcher holding it
     if model is not None:
         comfy.lora.model_lora_keys_unet(model.model, key_map)
-        weights.update(model.model.state_dict())
+        state = model.model.state_dict()
+        weights.update(state)
+        owner.update(dict.fromkeys(state, model))
     if clip is not None:
         comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-        weights.update(clip.cond_stage_model.state_dict())
+        state = clip.cond_stage_model.state_dict()
+        weights.update(state)
+        owner.update(dict.fromkeys(state, clip.patcher))
     report = FitReport({}, [], {}, [])
     for module, group in file.modules.items():
         target = key_map.get(module)
@@ -101,16 +132,32 @@ def check_fit(file: AdapterFile, model, clip) -> FitReport:
             build_adapter(tuple(weights[target].shape), group)
         except ValueError as err:
             report.misfit[module] = str(err)
+            continue
+        recorded = int(group[SODA_MARK]) if SODA_MARK in group else 0
+        if recorded:  # 0: not recorded, nothing to compare
+            report.soda_checked += 1
+            if fingerprint(original_weight(owner[target], target, weights[target])) != recorded:
+                report.fingerprint_mismatch.append(module)
     return report
 
 
-def apply_adapter_file(model, clip, path: Path, strength_model: float, strength_clip: float):
-    """Check ``path`` against the model, then patch through ComfyUI's LoRA loader."""
+def apply_adapter_file(
+    model, clip, path: Path, strength_model: float, strength_clip: float, on_fingerprint_mismatch: str = "refuse"
+):
+    """Check ``path`` against the model, then patch through ComfyUI's LoRA loader. A SODA layer
+    trained on other base weights refuses (``"refuse"``) or logs a warning (``"warn"``)."""
+    if on_fingerprint_mismatch not in ON_FINGERPRINT_MISMATCH:
+        raise ValueError(f"on_fingerprint_mismatch: {on_fingerprint_mismatch!r} not in {ON_FINGERPRINT_MISMATCH}")
     file = load_adapter_file(path)
     report = check_fit(file, model, clip)
     problem = report.problems(file, architecture_of(model))
     if problem:
         raise ValueError(problem)
+    problem = report.fingerprint_problem(file, architecture_of(model))
+    if problem and on_fingerprint_mismatch == "refuse":
+        raise ValueError(f"{problem} {FINGERPRINT_ADVICE}")
+    if problem:
+        log.warning("%s Applying it anyway (on_fingerprint_mismatch='warn').", problem)
     if report.skipped_text_encoder:
         log.warning(
             "%s: %d text-encoder modules not applied (connect a CLIP to apply them)",
@@ -135,17 +182,29 @@ class ApplyTLoRA(io.ComfyNode):
                 io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
                 io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01),
                 io.Clip.Input("clip", optional=True),
+                io.Combo.Input(
+                    "on_fingerprint_mismatch",
+                    options=ON_FINGERPRINT_MISMATCH,
+                    default="refuse",
+                    optional=True,
+                    tooltip="SODA layers trained on other base weights than this model's: refuse to apply, "
+                    "or log a warning and apply anyway.",
+                ),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
         )
 
     @classmethod
-    def execute(cls, model, adapter_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
+    def execute(
+        cls, model, adapter_name, strength_model, strength_clip, clip=None, on_fingerprint_mismatch="refuse"
+    ) -> io.NodeOutput:
         path = resolve_adapter_path(adapter_name)
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip)
         try:
-            new_model, new_clip = apply_adapter_file(model, clip, path, strength_model, strength_clip)
+            new_model, new_clip = apply_adapter_file(
+                model, clip, path, strength_model, strength_clip, on_fingerprint_mismatch
+            )
         except AdapterFileError as err:
             raise ValueError(str(err)) from None
         return io.NodeOutput(new_model, new_clip)
