@@ -9,10 +9,10 @@ Three paths give the same output ``y = x (W·T + sΔ)ᵀ + b``:
 - ``contract``: contract the activations with T's cores one by one, never forming T.
 
 Both activation paths add ``Δx`` through its low-rank factors (``N·(in+out)·r``). Costs are
-in multiply-accumulates (MACs) plus a memory term: the core contraction is memory-bound (its
-permute-copies move ``N·in·R²`` elements per core for few MACs each), and on a 2-core CPU one
-element moved costs about as much time as 200 MACs of a large matmul (fitted on the shapes of
-``bench/layer_speed.py``: 100-300 across them; see bench/RESULTS.md). Trainable parts count 3×
+in multiply-accumulates (MACs) plus a memory term: the core contraction is memory-bound (each
+step writes ``N·in·R²`` elements for few MACs each), and on a 2-core CPU one element moved
+costs about as much time as 50 MACs of a large matmul (fitted on the shapes of
+``bench/layer_speed.py``: 43-54 across them; see bench/RESULTS.md). Trainable parts count 3×
 (forward, and the two backward products); the frozen base matmul is common to every path and
 left out.
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 PATHS = ("merged", "transform", "contract")
 
 # MAC-equivalents per element moved by a copy or elementwise op, and per launched kernel.
-MEMORY_COST = 200.0
+MEMORY_COST = 50.0
 KERNEL_COST = 2.0e5
 # A dense T (in × in) is never built above this many elements (64 MiB in fp32): merging a
 # 10240-wide feed-forward weight goes mode by mode instead.
