@@ -9,7 +9,6 @@ layer was trained on this model's own weights.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,15 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..tlora.fingerprint import fingerprint
-from ..tlora.format import SODA_MARK, AdapterFile, AdapterFileError, build_adapter, load_adapter_file, load_tensors
+from ..tlora.format import (
+    SODA_MARK,
+    AdapterFile,
+    AdapterFileError,
+    build_adapter,
+    describe,
+    load_adapter_file,
+    load_tensors,
+)
 
 log = logging.getLogger("comfyui-tlora")
 LORA_FOLDER = "loras"
@@ -208,27 +215,6 @@ class ApplyTLoRA(io.ComfyNode):
         except AdapterFileError as err:
             raise ValueError(str(err)) from None
         return io.NodeOutput(new_model, new_clip)
-
-
-def describe(file: AdapterFile) -> dict:
-    """What a person wants to know about an adapter file before applying it."""
-    meta = file.metadata
-    params = sum(t.numel() for group in file.modules.values() for t in group.values() if t.ndim > 0)
-    targets = meta.get("tlora.targets")
-    return {
-        "file": file.path.name,
-        "method": meta.get(
-            "tlora.method", "lora" if all("lora_up.weight" in g for g in file.modules.values()) else "?"
-        ),
-        "parameters": params,
-        "modules": len(file.modules),
-        "targets": json.loads(targets) if targets else sorted({m.rsplit(".", 1)[-1] for m in file.modules}),
-        "base_model": meta.get("tlora.base_model", "unknown"),
-        "steps": meta.get("tlora.steps", "unknown"),
-        "transform_rank": meta.get("tlora.transform_rank"),
-        "residual_rank": meta.get("tlora.residual_rank"),
-        "format_version": meta.get("tlora.format_version", "none (not written by this pack)"),
-    }
 
 
 def describe_text(info: dict) -> str:

@@ -130,7 +130,9 @@ class TLoRA(Adapter):
             ("output", self.out_factors, self.out_features),
         ):
             if math.prod(factors) != width:
-                raise ValueError(f"{side} factors {factors} do not multiply to the layer's {side} width {width}")
+                raise ValueError(
+                    f"made for a layer with {math.prod(factors)} {side}s (factors {factors}), this layer has {width}"
+                )
 
         self.transform = nn.ParameterList()
         self._anchor: list[Tensor] = []
