@@ -3,6 +3,8 @@
     python -m tlora info FILE                      what an adapter file is
     python -m tlora train --comfyui PATH …         train headless through a ComfyUI install
     python -m tlora budgets                        parameter budgets at SD1.5 / SDXL shapes
+    python -m tlora export FILE --checkpoint CKPT --rank R --output OUT [--bake]
+                                                   a plain LoRA (or weight diffs) from any adapter file
 
 ``train`` loads ComfyUI from ``--comfyui`` (or ``$COMFYUI_PATH``) and this pack the way
 ComfyUI does, then runs the Train TLoRA node's own trainer; the core never imports ComfyUI.
@@ -46,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", help="show an adapter file's method, size, layers and training")
     info.add_argument("file", type=Path)
     commands.add_parser("budgets", help="parameter counts at SD1.5 / SDXL attention shapes")
+    export = commands.add_parser("export", help="export an adapter file to a plain LoRA at a chosen rank")
+    export.add_argument("file", type=Path, help="a TLoRA, SODA or LoRA adapter file")
+    export.add_argument("--checkpoint", type=Path, required=True, help="the base model's .safetensors checkpoint")
+    export.add_argument("--rank", type=int, default=16, help="LoRA rank (≥ the layer's smaller side: exact)")
+    export.add_argument("--output", type=Path, required=True, help="the .safetensors file to write")
+    export.add_argument("--bake", action="store_true", help="write full weight diffs (<module>.diff) instead")
+    export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     train = commands.add_parser("train", help="train an adapter on an image folder, headless")
     train.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_PATH"), help="ComfyUI folder")
     argv = sys.argv[1:] if argv is None else argv
@@ -67,11 +76,45 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .format import AdapterFileError, describe, load_adapter_file
 
+    if args.command == "export":
+        return run_export(args)
     try:
         print(json.dumps(describe(load_adapter_file(args.file)), indent=2))
     except AdapterFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run_export(args) -> int:
+    """``python -m tlora export``: base weights straight from the checkpoint (no ComfyUI needed)."""
+    from safetensors import SafetensorError
+
+    from .export import checkpoint_weights, export_adapter
+    from .format import AdapterFileError, load_adapter_file
+
+    try:
+        file = load_adapter_file(args.file)
+        if not args.checkpoint.is_file():
+            raise ValueError(f"checkpoint not found: {args.checkpoint}")
+        try:
+            weights = checkpoint_weights(args.checkpoint, file.modules)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{args.checkpoint} is not a readable safetensors checkpoint: {err}") from None
+        text_encoder = [m for m in file.modules if m.startswith("text_encoders.")]
+        report = export_adapter(
+            file,
+            weights,
+            args.output,
+            args.rank,
+            "bake" if args.bake else "lora",
+            overwrite=args.overwrite,
+            allow_missing=text_encoder,
+        )
+    except (AdapterFileError, ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.table())
     return 0
 
 

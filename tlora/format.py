@@ -66,7 +66,8 @@ def build_adapter(weight_shape: tuple[int, ...], tensors: Mapping[str, Tensor]) 
         inner = {k[len("tlora.") :]: v for k, v in tensors.items() if k.startswith("tlora.") and k != TLORA_MARK}
         return TLoRA.from_tensors(weight_shape, inner, float(tensors[TLORA_MARK]))
     if LORA_MARK in tensors:
-        up, down = tensors["lora_up.weight"], tensors["lora_down.weight"]
+        # a conv LoRA may be stored conv-shaped (up [out, r, 1, 1], down [r, in, kh, kw]), as ComfyUI reads it
+        up, down = tensors["lora_up.weight"].flatten(1), tensors["lora_down.weight"].flatten(1)
         alpha = float(tensors["alpha"]) if "alpha" in tensors else up.shape[1]
         return TLoRA.from_tensors(weight_shape, {"lora_up": up, "lora_down": down}, alpha / up.shape[1])
     if SODA_MARK in tensors:
