@@ -234,6 +234,13 @@ def run_pass(patcher, row: Row, layers, weights, strength: float, record: bool =
         row.patch.append(patch)
 
 
+def only(row: Row, layers) -> Row:
+    """``row`` restricted to the tensors of ``layers`` (a file holding just those modules)."""
+    prefixes = tuple(module_name(name) + "." for name, _, _ in layers)
+    tensors = {k: v for k, v in row.tensors.items() if k.startswith(prefixes)}
+    return Row(row.label, tensors, row.params, row.modewise)
+
+
 def one_per_shape(layers):
     seen, out = set(), []
     for name, o, i in layers:
@@ -253,8 +260,7 @@ def check_patch(patcher, core, rows: list[Row], layers, strength: float) -> None
         w32 = weight.float()
         with torch.no_grad():
             want = (w32 + strength * core.format.build_adapter((out, inp), group).delta_weight(w32)).half()
-        one = Row(row.label, {k: v for k, v in row.tensors.items() if k.startswith(module + ".")}, 0, row.modewise)
-        run_pass(patcher, one, [(name, out, inp)], {name: weight}, strength, record=False)
+        run_pass(patcher, only(row, [(name, out, inp)]), [(name, out, inp)], {name: weight}, strength, record=False)
         err = (weight.float() - want.float()).abs().max().item()
         if err > 2e-3 or torch.equal(weight, w32.half()):
             raise AssertionError(f"{row.label}: patched weight is wrong (max error {err:.2e})")
@@ -274,7 +280,7 @@ def bench_model(model: str, patcher, core, args) -> int:
     repeats = args.repeats if model == "SD1.5" else args.sdxl_repeats
     warm = layers if model == "SD1.5" else one_per_shape(layers)
     for row in rows:
-        run_pass(patcher, row, warm, weights, args.strength, record=False)
+        run_pass(patcher, only(row, warm), warm, weights, args.strength, record=False)
     for _ in range(repeats):
         for row in rows:
             run_pass(patcher, row, layers, weights, args.strength)
