@@ -26,7 +26,6 @@ from ..tlora.format import (
     build_adapter,
     describe,
     load_adapter_file,
-    load_tensors,
 )
 
 log = logging.getLogger("comfyui-tlora")
@@ -171,7 +170,7 @@ def apply_adapter_file(
             path.name,
             len(report.skipped_text_encoder),
         )
-    return comfy.sd.load_lora_for_models(model, clip, load_tensors(path), strength_model, strength_clip)
+    return comfy.sd.load_lora_for_models(model, clip, file.tensors, strength_model, strength_clip)
 
 
 class ApplyTLoRA(io.ComfyNode):

@@ -61,11 +61,11 @@ def contraction_cost(rows: int, shape: LayerShape) -> float:
 
 
 def materialize_cost(shape: LayerShape) -> float:
-    """Building the dense ``in × in`` T from its cores (dominated by the closing step)."""
+    """Building the dense ``in × in`` T from its cores: :func:`tlora.trm.materialize` applies
+    them to the identity, i.e. a contraction over ``in`` rows."""
     if not shape.factors:
         return 0.0
-    n, r = shape.in_features, shape.transform_rank
-    return n * n * (r * r + 2 * MEMORY_COST) + KERNEL_COST * len(shape.factors)
+    return contraction_cost(shape.in_features, shape)
 
 
 def dense_merge_is_cheaper(shape: LayerShape) -> bool:

@@ -197,6 +197,7 @@ class AdapterFile:
     modules: dict[str, dict[str, Tensor]]
     metadata: dict[str, str]
     stray_keys: list[str]
+    tensors: dict[str, Tensor]  # every tensor of the file, as checked (what a loader applies)
 
     @property
     def method(self) -> str:
@@ -242,7 +243,7 @@ def load_adapter_file(path: str | os.PathLike) -> AdapterFile:
             f"{path.name} holds no TLoRA, SODA or LoRA tensors (keys like "
             f"{', '.join(stray[:3]) or 'none'}): it is not an adapter file for this node."
         )
-    return AdapterFile(path, groups, metadata, stray)
+    return AdapterFile(path, groups, metadata, stray, tensors)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
