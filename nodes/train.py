@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from comfy_api.latest import io
 from comfy_extras.nodes_train import make_batch_extra_option_dict, process_cond_list
 
-from ..tlora.format import adapter_tensors, build_adapter, load_adapter_file, save_adapters
+from ..tlora.format import build_adapter, load_adapter_file, module_tensors, save_adapters
 from ..tlora.model import METHODS, TARGET_GROUPS, attach, bypassed, make_adapters, select_modules
 from ..tlora.train import NonFiniteLossError, TrainConfig, Trainer, dco_loss, step_generator
 from .apply import LORA_FOLDER, adapter_files, architecture_of, resolve_adapter_path
@@ -350,7 +350,7 @@ def train(
         for adapter in adapters.values():
             adapter.requires_grad_(False)
         saved = run.save()
-        tensors = {f"{m}.{k}": v for m, a in adapters.items() for k, v in adapter_tensors(a).items()}
+        tensors = module_tensors(adapters)
     return TrainResult(patched_model(model, tensors), tensors, list(trainer.losses), saved, trainer.step)
 
 

@@ -82,7 +82,7 @@ def build_adapter(weight_shape: tuple[int, ...], tensors: Mapping[str, Tensor]) 
     raise ValueError(f"no adapter tensors among {sorted(tensors)[:6]}")
 
 
-MARKS = {TLORA_MARK: "tlora", LORA_MARK: "lora", SODA_MARK: "soda"}
+MARKS = (TLORA_MARK, LORA_MARK, SODA_MARK)  # one per module group, naming its family
 TLORA_INDEXED = ("transform", "residual_out", "residual_in")
 TLORA_FIXED = ("lora_up", "lora_down")
 
@@ -138,6 +138,11 @@ def group_by_module(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor
     return groups
 
 
+def module_tensors(adapters: Mapping[str, Adapter]) -> dict[str, Tensor]:
+    """``module → adapter`` as a file's (or ComfyUI's LORA_MODEL's) ``<module>.<suffix>`` tensors."""
+    return {f"{module}.{suffix}": t for module, a in adapters.items() for suffix, t in adapter_tensors(a).items()}
+
+
 def save_adapters(
     path: str | os.PathLike,
     adapters: Mapping[str, Adapter],
@@ -147,7 +152,7 @@ def save_adapters(
 ) -> Path:
     """Write ``module → adapter`` to ``path`` atomically (see :func:`write_safetensors`), with
     the format version and a checksum in the metadata."""
-    tensors = {f"{module}.{suffix}": t for module, a in adapters.items() for suffix, t in adapter_tensors(a).items()}
+    tensors = module_tensors(adapters)
     meta = {"tlora.format_version": FORMAT_VERSION, **{k: str(v) for k, v in (metadata or {}).items()}}
     meta[CHECKSUM_KEY] = checksum(tensors, meta)
     return write_safetensors(path, tensors, meta, overwrite=overwrite)

@@ -97,7 +97,6 @@ class Trainer:
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self):
-        self.modules = nn.ModuleDict({str(i): a for i, a in enumerate(self.adapters.values())})
         cfg = self.config
         soda = [a for a in self.adapters.values() if hasattr(a, "parameter_roles")]
         plain = [p for a in self.adapters.values() if not hasattr(a, "parameter_roles") for p in a.parameters()]
