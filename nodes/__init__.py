@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import weight_adapters
 from .apply import NODES as APPLY_NODES
+from .dataset import NODES as DATASET_NODES
 from .export import NODES as EXPORT_NODES
 from .plot import NODES as PLOT_NODES
 from .train import NODES as TRAIN_NODES
@@ -18,7 +19,7 @@ folder_paths.add_model_folder_path("loras", os.path.join(folder_paths.models_dir
 
 class TLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*APPLY_NODES, *TRAIN_NODES, *EXPORT_NODES, *PLOT_NODES]
+        return [*APPLY_NODES, *TRAIN_NODES, *DATASET_NODES, *EXPORT_NODES, *PLOT_NODES]
 
 
 async def comfy_entrypoint() -> TLoRAExtension:

@@ -9,27 +9,12 @@ from pathlib import Path
 
 import comfy.sd
 import comfy.utils
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from ..tlora.dataset import check_same_size, image_caption_pairs
 from ..tlora.model import METHODS
 from ..tlora.train import TrainConfig
+from .dataset import load_images
 from .train import AdapterSpec, RunOptions, train
-
-
-def load_images(folder: Path, size: tuple[int, int] | None, default_caption: str | None):
-    """``(pixels [B, H, W, 3] in 0..1, captions)``; all images one size, or center-cropped and
-    resized to ``size``."""
-    pairs = image_caption_pairs(folder, default_caption)
-    images = [ImageOps.exif_transpose(Image.open(p.image)).convert("RGB") for p in pairs]
-    if size is None:
-        check_same_size({p.image.name: im.size for p, im in zip(pairs, images, strict=True)})
-    else:
-        images = [ImageOps.fit(im, size, Image.Resampling.LANCZOS) for im in images]
-    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images]))
-    return pixels, [p.caption for p in pairs]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -49,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="tlora", choices=METHODS)
     parser.add_argument("--transform-rank", type=int, default=2)
     parser.add_argument("--residual-rank", type=int, default=6)
-    parser.add_argument("--targets", default="attention", help="comma-separated target groups")
+    parser.add_argument(
+        "--targets", default="attention", help="comma-separated target groups (text_attention: the text encoder)"
+    )
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--rotation-learning-rate", type=float, default=5e-5)
@@ -88,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint.name} has no text encoder or VAE: the trainer needs both to read images")
     with torch.no_grad():
         latents = vae.encode(pixels)
-        positive = [c for caption in captions for c in clip.encode_from_tokens_scheduled(clip.tokenize(caption))]
     comfy.utils.set_progress_bar_global_hook(
         lambda value, total, preview=None, node_id=None: print(f"\rstep {value}/{total}", end="", file=sys.stderr)
     )
@@ -100,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume_path=args.resume,
     )
-    result = train(model, {"samples": latents}, positive, spec, config, options)
+    result = train(model, {"samples": latents}, None, spec, config, options, clip=clip, captions=captions)
     print(f"\ntrained {result.steps} steps on {len(captions)} images, final loss {result.losses[-1]:.4f}")
     print(f"saved {result.path}")
     return 0

@@ -12,31 +12,36 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import comfy.lora
 import comfy.model_management
+import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import comfy_extras.nodes_custom_sampler
 import folder_paths
+import latent_preview
 import torch
 import torch.utils.checkpoint
 from comfy_api.latest import io
-from comfy_extras.nodes_train import make_batch_extra_option_dict, process_cond_list
+from comfy_extras.nodes_train import make_batch_extra_option_dict
 
 from ..tlora.format import build_adapter, load_adapter_file, module_tensors, save_adapters
-from ..tlora.model import METHODS, TARGET_GROUPS, attach, bypassed, make_adapters, select_modules
+from ..tlora.model import METHODS, TARGET_GROUPS, TEXT_ENCODER_GROUPS, attach, bypassed, make_adapters, select_modules
 from ..tlora.train import NonFiniteLossError, TrainConfig, Trainer, dco_loss, step_generator
 from .apply import LORA_FOLDER, adapter_files, architecture_of, resolve_adapter_path
 
 log = logging.getLogger("comfyui-tlora")
 STATE_SUFFIX = ".tlora-state"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PREVIEW_STEPS = 12  # Euler steps of a training preview
 
 
 @dataclass
@@ -71,12 +76,15 @@ class RunOptions:
     overwrite: bool = False
     resume_path: Path | None = None
     node_id: str | None = None
+    preview_every: int = 0
+    preview_vae: object | None = None
     extra_metadata: dict = field(default_factory=dict)
 
 
 @dataclass
 class TrainResult:
     model: object
+    clip: object | None
     tensors: dict[str, torch.Tensor]
     losses: list[float]
     path: Path | None
@@ -98,8 +106,49 @@ def output_path(name: str) -> Path:
     return Path(folder_paths.get_folder_paths(LORA_FOLDER)[0]) / name
 
 
+def combine_conditioning(entries: list) -> list:
+    """One ComfyUI conditioning entry ``[[cond [B, L, C], extras]]`` for a batch, from one entry
+    ``[cond [1, L_i, C], extras_i]`` per image: token sequences repeated to a common length
+    (as ComfyUI's CONDCrossAttn.concat does) and stacked, and so are per-image tensors such as
+    ``pooled_output``. ComfyUI averages the predictions of separate entries over the whole
+    batch, so a batch of separate entries would train every image on the mean of all captions."""
+    conds = [cond for cond, _ in entries]
+    length = math.lcm(*(c.shape[1] for c in conds))
+    cond = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
+    extras = dict(entries[0][1])
+    for key, value in extras.items():
+        if isinstance(value, torch.Tensor) and all(isinstance(e[1].get(key), torch.Tensor) for e in entries):
+            extras[key] = torch.cat([e[1][key] for e in entries])
+    return [[cond, extras]]
+
+
+@dataclass
+class _Conditioner:
+    """The conditioning of a batch of training images, processed as ComfyUI's guider would.
+    With ``text`` (the CLIP and one tokenized caption per image), captions are encoded at every
+    call, so adapters on the text encoder train; otherwise ``positive`` holds one entry per image."""
+
+    inner_model: object
+    positive: list | None
+    text: tuple[object, list] | None
+    seed: int
+
+    def __call__(self, idx: list[int], x0: torch.Tensor) -> list[dict]:
+        if self.text is not None:
+            clip, tokens = self.text
+            entries = [e for i in idx for e in clip.encode_from_tokens_scheduled(tokens[i], show_pbar=False)]
+        else:
+            entries = [self.positive[i] for i in idx]
+        if len(entries) != len(idx):
+            raise ValueError("scheduled (hooked) text encoders are not supported for training: remove the CLIP hooks")
+        conds = {"positive": comfy.sampler_helpers.convert_cond(combine_conditioning(entries))}
+        return comfy.samplers.process_conds(self.inner_model, x0, conds, x0.device, latent_image=x0, seed=self.seed)[
+            "positive"
+        ]
+
+
 class _TrainingSampler(comfy.samplers.Sampler):
-    """Receives ComfyUI's prepared model wrapper and conditioning, then runs the training."""
+    """Receives ComfyUI's prepared model wrapper, then runs the training."""
 
     def __init__(self, run: _TrainingRun):
         self.run = run
@@ -117,9 +166,11 @@ class _TrainingRun:
     options: RunOptions
     metadata: dict
     adapters_by_module: dict
+    positive: list | None
+    text: tuple[object, list] | None
     last_save_step: int = 0
 
-    def micro_loss(self, model_wrap, extra_args, latents, conds):
+    def micro_loss(self, model_wrap, extra_args, latents, conditioner: _Conditioner):
         cfg = self.trainer.config
         sampling = model_wrap.inner_model.model_sampling
         count = latents.shape[0]
@@ -135,11 +186,11 @@ class _TrainingRun:
             noise = torch.randn(x0.shape, generator=gen).to(device)
             xt = sampling.noise_scaling(sigma, noise, x0, False)
             c_out = sampling.calculate_denoised(sigma, torch.ones_like(xt), torch.zeros_like(xt))
-            model_wrap.conds["positive"] = [conds[i] for i in idx]
             extra = make_batch_extra_option_dict(extra_args, idx, full_size=count)
 
             def prediction_error() -> torch.Tensor:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    model_wrap.conds["positive"] = conditioner(idx, x0)
                     denoised = model_wrap(xt, sigma, **extra)
                 return ((denoised.float() - x0) / c_out).pow(2).mean(dim=tuple(range(1, x0.ndim)))
 
@@ -147,28 +198,59 @@ class _TrainingRun:
             if cfg.loss == "mse":
                 return error.mean()
             with torch.no_grad(), bypassed(self.trainer.adapters.values()):
-                reference = prediction_error()
+                reference = prediction_error()  # the base model: text encoder and UNet unadapted
             return dco_loss(error, reference, cfg.dco_beta)
 
         return loss
 
+    @torch.no_grad()
+    def preview(self, model_wrap, extra_args, latents, conditioner: _Conditioner):
+        """A cheap sample with the current adapters: the first image's caption, a fixed seed,
+        Euler over PREVIEW_STEPS sigmas; decoded by the VAE if one is given, else by ComfyUI's
+        latent-to-RGB previewer. Returns a PIL image."""
+        sampling = model_wrap.inner_model.model_sampling
+        device, dtype = latents.device, DTYPES[self.options.training_dtype]
+        shape = (1, *latents.shape[1:])
+        sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", PREVIEW_STEPS).to(device)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.trainer.config.seed)).to(device)
+        x = sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), True)
+        extra = make_batch_extra_option_dict(extra_args, [0], full_size=latents.shape[0])
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model_wrap.conds["positive"] = conditioner([0], torch.zeros_like(noise))
+            for sigma, next_sigma in itertools.pairwise(sigmas):
+                denoised = model_wrap(x, sigma.expand(1), **extra).float()
+                x = x + (x - denoised) / sigma * (next_sigma - sigma)
+        x = sampling.inverse_noise_scaling(sigmas[-1], x)
+        vae = self.options.preview_vae
+        if vae is None:
+            fmt = model_wrap.inner_model.latent_format
+            return latent_preview.Latent2RGBPreviewer(
+                fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias
+            ).decode_latent_to_preview(x)
+        pixels = vae.decode(model_wrap.inner_model.process_latent_out(x))[0].clamp(0, 1)
+        return latent_preview.preview_to_image(pixels.reshape(-1, *pixels.shape[-3:])[0] * 2 - 1)
+
     def loop(self, model_wrap, extra_args, latents) -> None:
-        model_wrap.conds = process_cond_list(model_wrap.conds)
-        conds = model_wrap.conds["positive"]
-        micro_loss = self.micro_loss(model_wrap, extra_args, latents, conds)
-        trainer, steps = self.trainer, self.trainer.config.steps
+        cfg = self.trainer.config
+        conditioner = _Conditioner(model_wrap.inner_model, self.positive, self.text, cfg.seed)
+        micro_loss = self.micro_loss(model_wrap, extra_args, latents, conditioner)
+        trainer, steps = self.trainer, cfg.steps
         bar = comfy.utils.ProgressBar(steps)
         bar.update_absolute(trainer.step, steps)
         start, first = time.perf_counter(), trainer.step
+        every = self.options.preview_every
         while not trainer.done:
             comfy.model_management.throw_exception_if_processing_interrupted()
             loss = trainer.train_step(micro_loss)
             elapsed = time.perf_counter() - start
             eta = elapsed / (trainer.step - first) * (steps - trainer.step)
-            bar.update_absolute(trainer.step, steps)
-            send_progress(self.options.node_id, trainer.step, steps, loss, eta)
-            every = self.options.save_every
-            if every and trainer.step % every == 0 and trainer.step < steps:
+            preview = None
+            if every and (trainer.step % every == 0 or trainer.done):
+                preview = ("JPEG", self.preview(model_wrap, extra_args, latents, conditioner), 512)
+            bar.update_absolute(trainer.step, steps, preview)
+            send_progress(self.options.node_id, trainer.step, steps, loss, eta, preview is not None)
+            save_every = self.options.save_every
+            if save_every and trainer.step % save_every == 0 and trainer.step < steps:
                 self.save()
 
     def save(self, interrupted: bool = False) -> Path | None:
@@ -182,13 +264,15 @@ class _TrainingRun:
         return path
 
 
-def send_progress(node_id, step, steps, loss, eta) -> None:
-    """Tell the UI (the pack's loss chart) how training goes; silent outside the server."""
+def send_progress(node_id, step, steps, loss, eta, preview: bool = False) -> None:
+    """Tell the UI (the pack's loss chart) how training goes; silent outside the server.
+    ``preview``: a preview image of this step went out through ComfyUI's progress bar."""
     try:
         from server import PromptServer
 
         PromptServer.instance.send_sync(
-            "tlora.train.progress", {"node": node_id, "step": step, "steps": steps, "loss": loss, "eta": eta}
+            "tlora.train.progress",
+            {"node": node_id, "step": step, "steps": steps, "loss": loss, "eta": eta, "preview": preview},
         )
     except (ImportError, AttributeError):
         pass
@@ -248,6 +332,21 @@ class _Checkpointed:
             block.__dict__.pop("forward", None)
 
 
+@contextlib.contextmanager
+def _norms_on_copies(model: torch.nn.Module):
+    """Feed every LayerNorm of ``model`` a copy of its input. ComfyUI's text encoders add their
+    residuals in place (``x += attn(norm(x))``), which overwrites the input the norm saved for
+    backward; on a copy the text encoder trains, at the cost of one copy per norm."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    for norm in norms:
+        norm.forward = lambda x, _f=norm.forward: _f(x.clone())
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.__dict__.pop("forward", None)
+
+
 def release_inference_tensors(model: torch.nn.Module) -> None:
     """Replace parameters and buffers created under ``torch.inference_mode`` (ComfyUI loads
     models inside it) by normal copies: autograd cannot save inference tensors for backward,
@@ -261,27 +360,60 @@ def release_inference_tensors(model: torch.nn.Module) -> None:
                 module._buffers[name] = buffer.clone()
 
 
-def patched_model(model, tensors: dict[str, torch.Tensor]):
-    """A clone of ``model`` patched with adapter tensors through ComfyUI's LoRA loader."""
+def patched(model, clip, tensors: dict[str, torch.Tensor]):
+    """Clones of ``model`` and ``clip`` (None stays None) patched with adapter tensors through
+    ComfyUI's LoRA loader."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    patched = model.clone()
-    patched.add_patches(comfy.lora.load_lora(tensors, key_map, log_missing=False), 1.0)
-    return patched
+    new_model = model.clone()
+    new_model.add_patches(comfy.lora.load_lora(tensors, key_map, log_missing=False), 1.0)
+    if clip is None:
+        return new_model, None
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    new_clip = clip.clone()
+    new_clip.add_patches(comfy.lora.load_lora(tensors, key_map, log_missing=False), 1.0)
+    return new_model, new_clip
+
+
+def per_image(items: list, count: int, what: str) -> list:
+    """``items`` as one per image: a single item is shared by all ``count`` images."""
+    if len(items) == 1:
+        return items * count
+    if len(items) != count:
+        raise ValueError(f"{len(items)} {what} for {count} images: give one for all images, or one per image")
+    return list(items)
 
 
 def train(
-    model, latents: dict, positive: list, spec: AdapterSpec, config: TrainConfig, options: RunOptions
+    model,
+    latents: dict,
+    positive: list | None,
+    spec: AdapterSpec,
+    config: TrainConfig,
+    options: RunOptions,
+    clip=None,
+    captions: list[str] | None = None,
 ) -> TrainResult:
-    """Train adapters on ``model`` (a ComfyUI MODEL) and return the patched model and more.
+    """Train adapters on ``model`` (a ComfyUI MODEL; ``clip`` too when ``spec.targets`` names
+    text-encoder groups) and return the patched model and more. The text comes as ``positive``
+    conditioning, or as ``captions`` encoded by ``clip`` (needed to train the text encoder).
     Shared by the node and the command line."""
     samples = latents["samples"] if isinstance(latents, dict) else latents
     if samples is None or samples.ndim < 4 or samples.shape[0] == 0:
         raise ValueError("no training images: connect latents of at least one image (VAE Encode your images)")
     count = samples.shape[0]
-    if len(positive) == 1 and count > 1:
-        positive = positive * count
-    elif len(positive) != count:
-        raise ValueError(f"{len(positive)} conditionings for {count} images: give one caption, or one per image")
+    text_groups = [t for t in spec.targets if t in TEXT_ENCODER_GROUPS]
+    has_text = clip is not None and bool(captions)
+    if text_groups and not has_text:
+        raise ValueError(
+            "training the text encoder needs the CLIP and the captions as text: connect clip and captions "
+            "(e.g. from Load Training Images (TLoRA))"
+        )
+    if not has_text and not positive:
+        raise ValueError("no captions: connect positive conditioning, or clip + captions")
+    if has_text:
+        captions = per_image(captions, count, "captions")
+    else:
+        positive = per_image(positive, count, "conditionings")
     if options.training_dtype not in DTYPES:
         raise ValueError(f"training_dtype must be one of {list(DTYPES)}")
     path = options.output_path
@@ -289,12 +421,21 @@ def train(
         raise ValueError(f"{path.name} already exists in {path.parent}: choose another output name or enable overwrite")
 
     mp = model.clone()
+    te = clip.clone() if has_text else None
     with torch.inference_mode(False), torch.enable_grad():
-        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
-        release_inference_tensors(mp.model)
-        mp.model.requires_grad_(False)
+        patchers = [mp] if te is None else [mp, te.patcher]
+        comfy.model_management.load_models_gpu(patchers, memory_required=1e20, force_full_load=True)
+        for patcher in patchers:
+            release_inference_tensors(patcher.model)
+            patcher.model.requires_grad_(False)
         diffusion = mp.model.diffusion_model
-        modules = {f"diffusion_model.{n}": m for n, m in select_modules(diffusion, spec.targets).items()}
+        unet_groups = [t for t in spec.targets if t not in TEXT_ENCODER_GROUPS]
+        modules = {f"diffusion_model.{n}": m for n, m in select_modules(diffusion, unet_groups).items()}
+        if text_groups:
+            text_modules = select_modules(te.cond_stage_model, text_groups)
+            if not text_modules:
+                raise ValueError(f"no layer of this text encoder matches the target groups {text_groups}")
+            modules.update({f"text_encoders.{n}": m for n, m in text_modules.items()})
         if not modules:
             raise ValueError(f"no layer of this model matches the target groups {list(spec.targets)}")
         adapters = make_adapters(
@@ -326,12 +467,22 @@ def train(
             "tlora.training": json.dumps({**asdict(config), "training_dtype": options.training_dtype}),
             **options.extra_metadata,
         }
-        run = _TrainingRun(trainer, options, metadata, adapters)
+        text = None
+        if has_text:
+            tokens = [te.tokenize(caption) for caption in captions]
+            with torch.no_grad():  # frozen text encoder: encode once; trained: the guider's initial conds
+                first = tokens if not text_groups else tokens[:1]
+                positive = [e for t in first for e in te.encode_from_tokens_scheduled(t, show_pbar=False)]
+            text = (te, tokens) if text_groups else None
+        run = _TrainingRun(trainer, options, metadata, adapters, positive, text)
         detach = attach(modules, adapters)
         guider = comfy_extras.nodes_custom_sampler.Guider_Basic(mp)
-        guider.set_conds(positive)
+        guider.set_conds(positive)  # what the guider prepares with; each step's come from the run's conditioner
         try:
-            with _Checkpointed(diffusion) if options.gradient_checkpointing else contextlib.nullcontext():
+            with (
+                _Checkpointed(diffusion) if options.gradient_checkpointing else contextlib.nullcontext(),
+                _norms_on_copies(te.cond_stage_model) if text is not None else contextlib.nullcontext(),
+            ):
                 dummy_sigmas = torch.arange(count)  # carries the dataset size, as ComfyUI's trainer does
                 guider.sample(torch.zeros_like(samples), samples, _TrainingSampler(run), dummy_sigmas, seed=config.seed)
         except comfy.model_management.InterruptProcessingException:
@@ -351,7 +502,8 @@ def train(
             adapter.requires_grad_(False)
         saved = run.save()
         tensors = module_tensors(adapters)
-    return TrainResult(patched_model(model, tensors), tensors, list(trainer.losses), saved, trainer.step)
+    new_model, new_clip = patched(model, clip, tensors)
+    return TrainResult(new_model, new_clip, tensors, list(trainer.losses), saved, trainer.step)
 
 
 RESUME_NONE = "(none)"
@@ -364,12 +516,17 @@ class TrainTLoRA(io.ComfyNode):
             node_id="TLoRATrain",
             display_name="Train TLoRA",
             category="training/tlora",
-            description="Train a TLoRA, SODA or LoRA adapter on latents + conditioning. Saves to the loras folder; "
-            "Cancel stops within a step and saves what was trained.",
+            description="Train a TLoRA, SODA or LoRA adapter on latents + conditioning (or clip + captions, which "
+            "can also train the text encoder). Saves to the loras folder; Cancel stops within a step and saves "
+            "what was trained.",
             inputs=[
                 io.Model.Input("model"),
                 io.Latent.Input("latents", tooltip="VAE-encoded training images (one batch)."),
-                io.Conditioning.Input("positive", tooltip="One caption for all images, or one per image."),
+                io.Conditioning.Input(
+                    "positive",
+                    optional=True,
+                    tooltip="One caption for all images, or one per image. Not needed with clip + captions.",
+                ),
                 io.Combo.Input("method", options=list(METHODS), default="tlora"),
                 io.Int.Input("transform_rank", default=2, min=1, max=16, tooltip="Ring rank of the transform T."),
                 io.Int.Input("residual_rank", default=6, min=1, max=256, tooltip="TR ring rank, or LoRA rank."),
@@ -380,7 +537,14 @@ class TrainTLoRA(io.ComfyNode):
                 io.String.Input("output_name", default="tlora/my_adapter"),
                 io.Combo.Input(
                     "targets",
-                    options=["attention", "attention,proj", "attention,feed_forward", "attention,conv"],
+                    options=[
+                        "attention",
+                        "attention,proj",
+                        "attention,feed_forward",
+                        "attention,conv",
+                        "attention,text_attention",
+                    ],
+                    tooltip="Layers to adapt; text_attention (the text encoder's) needs clip + captions.",
                     default="attention",
                     optional=True,
                 ),
@@ -402,12 +566,30 @@ class TrainTLoRA(io.ComfyNode):
                     "resume_from", options=[RESUME_NONE, *adapter_files()], default=RESUME_NONE, optional=True
                 ),
                 io.Boolean.Input("overwrite", default=False, optional=True),
+                io.Int.Input(
+                    "preview_every",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    optional=True,
+                    tooltip="Every N steps, sample one image (first caption, fixed seed) and show it here. 0 = off.",
+                ),
+                io.Clip.Input("clip", optional=True, tooltip="Encodes the captions; needed to train the text encoder."),
+                io.String.Input(
+                    "captions",
+                    multiline=True,
+                    force_input=True,
+                    optional=True,
+                    tooltip="One caption per line: one for all images, or one per image (Load Training Images).",
+                ),
+                io.Vae.Input("preview_vae", optional=True, tooltip="Decodes the previews (else a rough preview)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
                 io.LoraModel.Output(display_name="adapter"),
                 io.LossMap.Output(display_name="loss"),
                 io.String.Output(display_name="path"),
+                io.Clip.Output(display_name="CLIP"),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -418,7 +600,6 @@ class TrainTLoRA(io.ComfyNode):
         cls,
         model,
         latents,
-        positive,
         method,
         transform_rank,
         residual_rank,
@@ -442,6 +623,11 @@ class TrainTLoRA(io.ComfyNode):
         save_every=0,
         resume_from=RESUME_NONE,
         overwrite=False,
+        preview_every=0,
+        positive=None,
+        clip=None,
+        captions=None,
+        preview_vae=None,
     ) -> io.NodeOutput:
         spec = AdapterSpec(
             method, transform_rank, residual_rank, regularizer, regularizer_weight, tuple(targets.split(","))
@@ -467,9 +653,13 @@ class TrainTLoRA(io.ComfyNode):
             overwrite=overwrite,
             resume_path=None if resume_from == RESUME_NONE else resolve_adapter_path(resume_from),
             node_id=cls.hidden.unique_id if cls.hidden else None,
+            preview_every=preview_every,
+            preview_vae=preview_vae,
         )
-        result = train(model, latents, positive, spec, config, options)
-        return io.NodeOutput(result.model, result.tensors, {"loss": result.losses}, str(result.path or ""))
+        lines = [line.strip() for line in (captions or "").splitlines() if line.strip()]
+        result = train(model, latents, positive, spec, config, options, clip=clip, captions=lines)
+        path = str(result.path or "")
+        return io.NodeOutput(result.model, result.tensors, {"loss": result.losses}, path, result.clip)
 
 
 NODES = [TrainTLoRA]

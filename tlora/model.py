@@ -24,6 +24,7 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "conv": ("in_layers.2", "out_layers.3", "skip_connection", "conv1", "conv2", "conv_shortcut"),
     "text_attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
 }
+TEXT_ENCODER_GROUPS = ("text_attention",)  # groups that live in the text encoder, not the UNet
 DEFAULT_TARGETS = ("attention",)
 METHODS = (*PRESETS, *SODA_PRESETS)
 
