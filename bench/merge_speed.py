@@ -124,7 +124,7 @@ class CorePatcher:
         return {m: groups[m] for m in modules}
 
     def patch(self, loaded: dict, module: str, weight: torch.Tensor, strength: float) -> None:
-        adapter = self.core.format.build_adapter(tuple(weight.shape), loaded[module])
+        adapter = self.core.format.build_adapter(tuple(weight.shape), loaded[module]).to(weight.device)
         w32 = weight.to(torch.float32, copy=True)
         w32.add_(adapter.delta_weight(w32), alpha=strength)
         weight.copy_(w32)
@@ -170,7 +170,7 @@ def module_name(layer: str) -> str:
     return f"diffusion_model.{layer}"
 
 
-def adapter_file(core, layers, method: str, overrides: dict, seed: int) -> tuple[dict, int]:
+def adapter_file(core, layers, method: str, overrides: dict, seed: int, device: str = "cpu") -> tuple[dict, int]:
     """The tensors a saved file of this adapter holds (randomized as if trained), and its
     parameter count."""
     config = core.preset(method, **overrides)
@@ -183,15 +183,23 @@ def adapter_file(core, layers, method: str, overrides: dict, seed: int) -> tuple
                 scale = p.abs().mean().item() or 1.0
                 p.add_(torch.randn(p.shape, generator=gen), alpha=NOISE * scale)
         params += adapter.num_parameters()
-        tensors.update({f"{module_name(name)}.{k}": v for k, v in core.format.adapter_tensors(adapter).items()})
+        file_tensors = core.format.adapter_tensors(adapter).items()
+        tensors.update({f"{module_name(name)}.{k}": v.to(device) for k, v in file_tensors})
     return tensors, params
 
 
-def fp16_weights(layers, seed: int) -> dict[str, torch.Tensor]:
+def fp16_weights(layers, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {
-        name: (torch.randn(out, inp, generator=gen) / math.sqrt(inp)).half().contiguous() for name, out, inp in layers
+        name: (torch.randn(out, inp, generator=gen) / math.sqrt(inp)).half().to(device).contiguous()
+        for name, out, inp in layers
     }
+
+
+def synchronize(weights: dict[str, torch.Tensor]) -> None:
+    """Wait for the GPU's queued work (timers read the host clock)."""
+    if next(iter(weights.values())).is_cuda:
+        torch.cuda.synchronize()
 
 
 @dataclass
@@ -228,6 +236,7 @@ def run_pass(patcher, row: Row, layers, weights, strength: float, record: bool =
         start = time.perf_counter()
         for (name, _, _), module in zip(layers, modules, strict=True):
             patcher.patch(loaded, module, weights[name], strength)
+        synchronize(weights)
         patch = time.perf_counter() - start
     if record:
         row.load.append(load)
@@ -255,11 +264,12 @@ def check_patch(patcher, core, rows: list[Row], layers, strength: float) -> None
     name, out, inp = layers[0]
     module = module_name(name)
     for row in rows:
-        weight = fp16_weights([(name, out, inp)], seed=1)[name]
+        weight = fp16_weights([(name, out, inp)], seed=1, device=next(iter(row.tensors.values())).device)[name]
         group = core.format.group_by_module(row.tensors)[module]
         w32 = weight.float()
         with torch.no_grad():
-            want = (w32 + strength * core.format.build_adapter((out, inp), group).delta_weight(w32)).half()
+            adapter = core.format.build_adapter((out, inp), group).to(weight.device)
+            want = (w32 + strength * adapter.delta_weight(w32)).half()
         run_pass(patcher, only(row, [(name, out, inp)]), [(name, out, inp)], {name: weight}, strength, record=False)
         err = (weight.float() - want.float()).abs().max().item()
         if err > 2e-3 or torch.equal(weight, w32.half()):
@@ -268,14 +278,17 @@ def check_patch(patcher, core, rows: list[Row], layers, strength: float) -> None
 
 def bench_model(model: str, patcher, core, args) -> int:
     layers = MODELS[model]
-    rows = [Row(label, *adapter_file(core, layers, m, o, seed=100 * k)) for k, (label, m, o) in enumerate(PAIRS[model])]
+    rows = [
+        Row(label, *adapter_file(core, layers, m, o, seed=100 * k, device=args.device))
+        for k, (label, m, o) in enumerate(PAIRS[model])
+    ]
     label, method, overrides = PAIRS[model][0]
     config = core.preset(method, **overrides)
     dense = sum(core.cost.dense_merge_is_cheaper(core.TLoRA((o, i), config).cost_shape) for _, o, i in layers)
     if dense:  # a diagnostic row: the same adapter merged mode by mode everywhere
         rows.append(Row(f"{label} mode-wise", rows[0].tensors, rows[0].params, modewise=True))
     check_patch(patcher, core, rows, layers, args.strength)
-    weights = fp16_weights(layers, seed=0)
+    weights = fp16_weights(layers, seed=0, device=args.device)
     numel = sum(w.numel() for w in weights.values())
     repeats = args.repeats if model == "SD1.5" else args.sdxl_repeats
     warm = layers if model == "SD1.5" else one_per_shape(layers)
@@ -373,6 +386,7 @@ def main() -> int:
     parser.add_argument("--comfyui", type=Path, default=None, help="a ComfyUI dir: patch through its own loader")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the 10240→1280 peak-memory probe")
+    parser.add_argument("--device", default="cpu", help="where the weights are patched (cpu, cuda)")
     parser.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -387,7 +401,7 @@ def main() -> int:
     patcher = ComfyPatcher(comfy, core) if comfy else CorePatcher(core)
     load = os.getloadavg()[0]
     print(
-        f"merge_speed: {patcher.mode}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"merge_speed: {patcher.mode}; {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"strength {args.strength:g}, load average {load:.2f} at start"
     )
     failures = 0

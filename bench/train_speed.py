@@ -32,27 +32,34 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(trainer: str, comfy_path: Path, checkpoint: Path, size: int, warm: int, steps: int, device: str) -> dict:
+def child(trainer: str, comfy_path: Path, checkpoint: Path, args: argparse.Namespace) -> dict:
     """Runs in the subprocess: load the host and the model, train twice, report."""
     sys.path.insert(0, str(REPO))
     from tests.host import comfyhost
 
-    comfyhost.import_host(comfy_path)
+    comfyhost.import_host(comfy_path, cpu=args.device == "cpu")
     comfyhost.use_dirs(Path(os.environ["TLORA_BENCH_TMP"]) / "run", Path(os.environ["TLORA_BENCH_TMP"]) / "models")
     comfyhost.load_pack()
     import comfy.sd
     import torch
 
     torch.manual_seed(0)
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)
-    (positive,) = __import__("nodes").CLIPTextEncode().encode(clip, "a photo of sks toy")
-    latents = {"samples": torch.randn(1, 4, size, size)}
+    if args.model == "sdxl":  # a random full-size SDXL UNet; random text embeddings stand in for its CLIPs
+        from tests.host.checkpoint import build_sdxl_unet
+
+        model = comfy.sd.load_diffusion_model_state_dict(build_sdxl_unet(args.device))
+        positive = [[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280)}]]
+    else:
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)
+        (positive,) = __import__("nodes").CLIPTextEncode().encode(clip, "a photo of sks toy")
+    size, warm, steps, device, dtype = args.size, args.warm, args.steps, args.device, args.dtype
+    latents = {"samples": torch.randn(args.batch, 4, size, size)}
     if trainer == "comfyui-lora-r8":
         node = __import__("comfy_extras.nodes_train", fromlist=["TrainLoraNode"]).TrainLoraNode()
 
         def train(n):
-            args = (1, n, 1, 1e-4, 8, "AdamW", "MSE", 0, "fp32", "fp32", "LoRA", False, "[None]")
-            node.train(model, latents, positive, *args)
+            settings = (args.batch, n, 1, 1e-4, 8, "AdamW", "MSE", 0, dtype, "fp32", "LoRA", False, "[None]")
+            node.train(model, latents, positive, *settings)
 
     else:
         glue = sys.modules["comfyui_tlora.nodes.train"]
@@ -61,18 +68,22 @@ def child(trainer: str, comfy_path: Path, checkpoint: Path, size: int, warm: int
         spec = glue.AdapterSpec(method=method, transform_rank=ranks[0], residual_rank=ranks[1])
 
         def train(n):
-            glue.train(model, latents, positive, spec, config_cls(steps=n), glue.RunOptions())
+            config = config_cls(steps=n, batch_size=args.batch)
+            glue.train(model, latents, positive, spec, config, glue.RunOptions(training_dtype=dtype))
 
     cuda = device == "cuda"
+    synchronize = torch.cuda.synchronize if cuda else lambda: None
     train(warm)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     before = rss_mib()
     start = time.perf_counter()
     train(warm)
+    synchronize()
     short = time.perf_counter() - start
     start = time.perf_counter()
     train(warm + steps)
+    synchronize()
     long = time.perf_counter() - start
     if cuda:
         memory = torch.cuda.max_memory_allocated() / 2**20
@@ -87,7 +98,10 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=32, help="latent side (32 → 256 px images, 1024 tokens)")
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--model", default="tiny-sd15", choices=["tiny-sd15", "sdxl"], help="sdxl: full size, GPU")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="training dtype (adapters stay fp32)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -95,7 +109,7 @@ def main() -> int:
         parser.error("needs a ComfyUI: --comfyui PATH or COMFYUI_PATH, run with that ComfyUI's Python")
     comfy_path = Path(args.comfyui)
     if args.child:
-        result = child(args.child, comfy_path, Path(args.checkpoint), args.size, args.warm, args.steps, args.device)
+        result = child(args.child, comfy_path, Path(args.checkpoint), args)
         print(json.dumps(result))
         return 0
 
@@ -111,14 +125,16 @@ def main() -> int:
     results = {}
     for trainer in TRAINERS:
         cmd = [sys.executable, __file__, "--child", trainer, "--checkpoint", str(checkpoint)]
-        cmd += ["--comfyui", str(comfy_path), "--size", str(args.size), "--device", args.device]
-        cmd += ["--warm", str(args.warm), "--steps", str(args.steps)]
+        cmd += ["--comfyui", str(comfy_path), "--size", str(args.size), "--batch", str(args.batch)]
+        cmd += ["--device", args.device, "--dtype", args.dtype, "--warm", str(args.warm), "--steps", str(args.steps)]
+        cmd += ["--model", args.model]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode:
             print(out.stderr[-3000:])
             return 1
         results[trainer] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"tiny SD1.5-layout UNet, latents {args.size}×{args.size}, batch 1, fp32, {args.device}")
+    model = "full-size SDXL UNet (random weights)" if args.model == "sdxl" else "tiny SD1.5-layout UNet"
+    print(f"{model}, latents {args.size}×{args.size}, batch {args.batch}, {args.dtype}, {args.device}")
     print(f"{'trainer':<18}{'step':>10}{'memory':>12}{'time vs LoRA':>15}{'memory vs LoRA':>16}")
     lora = results["lora-r8"]
     for name, r in results.items():

@@ -127,3 +127,31 @@ def write_tiny_sd15(path: str | Path, comfy_path: str | Path, seed: int = 0) -> 
     sd = build_state_dict(comfy_path, seed=seed)
     safetensors.torch.save_file(sd, str(path), metadata={"comment": "comfyui-tlora test checkpoint, random weights"})
     return path
+
+
+# A full-size SDXL UNet (what ComfyUI detects as SDXL: context_dim 2048, ADM 2816, linear proj).
+SDXL_UNET_CONFIG = {
+    **UNET_CONFIG,
+    "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "transformer_depth_middle": 10,
+    "context_dim": 2048,
+    "num_heads": -1,
+    "num_head_channels": 64,
+    "use_linear_in_transformer": True,
+    "adm_in_channels": 2816,
+    "num_classes": "sequential",
+}
+
+
+def build_sdxl_unet(device: str, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """State dict of a randomly initialized full-size SDXL UNet (2.6B parameters), built on
+    ``device`` (benchmarks on a GPU; ~5 GB in fp16)."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**SDXL_UNET_CONFIG, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
+    init_weights_(unet, torch.Generator(device).manual_seed(seed))
+    return unet.state_dict()

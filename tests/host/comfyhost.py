@@ -35,28 +35,30 @@ def find_comfyui(env: dict | None = None, repo_roots: list[Path] | None = None) 
     return None, NO_HOST_REASON
 
 
-def import_host(path: Path) -> str:
-    """Import ComfyUI's core from ``path`` on CPU; returns its version. Raises whatever the import raises."""
+def import_host(path: Path, cpu: bool = True) -> str:
+    """Import ComfyUI's core from ``path`` (on CPU unless ``cpu=False``); returns its version.
+
+    Raises whatever the import raises."""
     path = Path(path)
     sys.dont_write_bytecode = True  # never write __pycache__ into the host's tree
     if str(path) in sys.path:
         sys.path.remove(str(path))
     sys.path.insert(0, str(path))  # before the repo root: this pack's nodes/ must not shadow ComfyUI's nodes.py
     try:
-        return _import_core(path)
+        return _import_core(path, cpu)
     except BaseException:
         sys.path.remove(str(path))
         raise
 
 
-def _import_core(path: Path) -> str:
+def _import_core(path: Path, cpu: bool) -> str:
     stale = sys.modules.get("nodes")
     if stale is not None and Path(getattr(stale, "__file__", "")).parent != path:
         raise ImportError(f"module 'nodes' was already imported from {stale.__file__}, not from {path}")
     if "comfy.model_management" not in sys.modules:
         import comfy.cli_args  # args come from [] when imported as a library
 
-        comfy.cli_args.args.cpu = True  # must precede comfy.model_management: no GPU driver needed
+        comfy.cli_args.args.cpu = cpu  # must precede comfy.model_management: no GPU driver needed
     # What the pack and the tests need; `nodes` and `folder_paths` are ComfyUI's top-level modules.
     mods = {
         name: importlib.import_module(name)
