@@ -5,7 +5,7 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from . import weight_adapters
+from . import routes, weight_adapters
 from .apply import NODES as APPLY_NODES
 from .dataset import NODES as DATASET_NODES
 from .export import NODES as EXPORT_NODES
@@ -13,6 +13,7 @@ from .plot import NODES as PLOT_NODES
 from .train import NODES as TRAIN_NODES
 
 weight_adapters.register()
+routes.register()  # GET /tlora/info for the web extension; nothing without a server
 # A dedicated models/tlora folder, listed with the loras (the stock LoRA loader sees it too).
 folder_paths.add_model_folder_path("loras", os.path.join(folder_paths.models_dir, "tlora"))
 
