@@ -1,0 +1,102 @@
+"""The pack's web extension in a real ComfyUI frontend, in headless Chromium: its JavaScript loads cleanly,
+the example workflows open from the template browser with every node known, the Apply TLoRA info panel
+describes the chosen file, and the loss chart draws while Train TLoRA trains.
+
+Needs Chromium (``$CHROMIUM`` or ``chromium`` on PATH); skipped, with the reason in the summary, without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .browser import Browser, find_chromium
+from .comfyhost import REPO_ROOT
+from .test_routes import write_adapter
+from .ui import PACK_EXTENSIONS, ComfyPage, chart_state, tiny_train_widgets, write_training_images
+
+EXAMPLES = REPO_ROOT / "example_workflows"
+TRAIN_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path, reason = find_chromium()
+    if path is None:
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="module")
+def page(chromium, comfy_server):
+    with Browser(chromium, width=1600, height=900, timeout=120) as browser:
+        yield ComfyPage(browser, comfy_server.url).open()
+
+
+def example_node_types(name: str) -> set[str]:
+    return {n["type"] for n in json.loads((EXAMPLES / f"{name}.json").read_text())["nodes"]}
+
+
+def test_pack_javascript_loads_without_errors(page):
+    assert set(PACK_EXTENSIONS) <= set(page.extensions())
+    served = page.evaluate("fetch('/extensions').then(r => r.json())")
+    assert {Path(url).name for url in served if "/comfyui-tlora/" in url} == {"loss_chart.js", "adapter_info.js"}
+    assert page.pack_errors() == []
+
+
+@pytest.mark.parametrize("name", ["apply_tlora", "train_tlora"])
+def test_example_workflow_opens_from_the_template_browser(page, comfy_server, name):
+    page.open_template(comfy_server.pack_dir_name, name)
+    assert set(page.node_types()) == example_node_types(name)
+    assert page.missing_node_types() == []
+    assert page.pack_errors() == []
+
+
+def test_info_panel_describes_the_chosen_adapter(page, comfy_server):
+    write_adapter(comfy_server.loras_dir / "test_browser" / "panel.safetensors", method="tlora_star", steps=11)
+    page.open_template(comfy_server.pack_dir_name, "apply_tlora")
+    panel = f"{page.node('TLoRAApply')}.tloraAdapterInfo"
+    page.set_widgets({"TLoRAApply": {"adapter_name": "test_browser/panel.safetensors"}})
+    page.wait_for(f"{panel}.info && {panel}.name === 'test_browser/panel.safetensors'", what="the info panel")
+    page.next_frame()
+    text, overflow = page.evaluate(
+        f"[{panel}.element.innerText, {panel}.element.scrollHeight - {panel}.element.clientHeight]"
+    )
+    assert "tlora_star" in text and "11 steps on SD15" in text and "attention" in text and "2 layers" in text, text
+    assert overflow <= 0, "the panel's rows do not fit in it"
+
+    page.set_widgets({"TLoRAApply": {"adapter_name": "test_browser/gone.safetensors"}})
+    page.wait_for(f"{panel}.info?.error", what="the info panel's error")
+    assert "gone.safetensors is not in ComfyUI's loras folders" in page.evaluate(f"{panel}.element.innerText")
+    assert page.pack_errors() == []
+
+
+def test_loss_chart_draws_while_training(page, comfy_server, tiny_checkpoint):
+    write_training_images(comfy_server.input_dir / "my_subject")
+    page.open_template(comfy_server.pack_dir_name, "train_tlora")
+    page.set_widgets(tiny_train_widgets(tiny_checkpoint.name, TRAIN_STEPS, "test_browser/chart_run", preview_every=2))
+    since = page.queue()
+
+    chart = f"{page.node('TLoRATrain')}.tloraLossChart"
+    page.wait_for(f"{chart}.points.length >= 1", timeout=600, what="the first progress message")
+    page.next_frame()
+    midway = chart_state(page)
+    still_running = page.evaluate(f"!window.tloraTestRuns.slice({since}).some(r => r.type !== 'execution_start')")
+    page.wait_run(since, timeout=600)
+    page.wait_for(f"{chart}.points.length === {TRAIN_STEPS}", what="every step on the chart")
+    page.next_frame()
+    final = chart_state(page)
+
+    assert still_running and 1 <= len(midway["points"]) <= TRAIN_STEPS
+    assert f"/{TRAIN_STEPS}" in midway["status"] and midway["raw"] > 0, midway
+    assert [step for step, _ in final["points"]] == list(range(1, TRAIN_STEPS + 1))
+    assert all(loss > 0 for _, loss in final["points"])
+    assert final["status"].startswith(f"step {TRAIN_STEPS}/{TRAIN_STEPS}") and "done" in final["status"]
+    assert final["width"] > 100 and final["height"] > 100
+    assert final["smooth"] > 50 and final["raw"] >= TRAIN_STEPS, final  # the curve and the points
+    assert page.evaluate(f"{chart}.previewStep") == TRAIN_STEPS  # the last preview; its image is ComfyUI's
+    assert page.evaluate(f"{page.node('TLoRATrain')}.imgs?.length") == 1
+    assert (comfy_server.loras_dir / "test_browser" / "chart_run.safetensors").is_file()
+    assert page.pack_errors() == []

@@ -1,0 +1,223 @@
+"""The ComfyUI frontend in headless Chromium, as a user meets it: open ComfyUI, pick an example workflow
+from the template browser, set widgets, queue it, wait for the run. Shared by the browser tests and
+``docs/screenshots.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+from .browser import Browser, BrowserError
+
+APP = "window.comfyAPI.app.app"
+API = "window.comfyAPI.api.api"
+PACK_EXTENSIONS = ("comfyui-tlora.lossChart", "comfyui-tlora.adapterInfo")
+PACK_JS = "/extensions/comfyui-tlora/"
+# No first-run template dialog (the tests open it themselves), no minimap over the screenshots.
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+# Records the server's execution events in the page: run() waits on them.
+RECORD_RUNS = f"""(() => {{
+  window.tloraTestRuns = [];
+  for (const type of ["execution_start", "execution_success", "execution_error", "execution_interrupted"])
+    {API}.addEventListener(type, ({{ detail }}) => window.tloraTestRuns.push({{ type, ...detail }}));
+  return true;
+}})()"""
+
+
+def js(value) -> str:
+    """A Python value as a JavaScript literal."""
+    return json.dumps(value)
+
+
+class ComfyPage:
+    """One ComfyUI tab in ``browser`` on the server at ``url``."""
+
+    def __init__(self, browser: Browser, url: str):
+        self.browser, self.url = browser, url
+
+    def evaluate(self, expression: str, timeout: float | None = None):
+        return self.browser.evaluate(expression, timeout)
+
+    def wait_for(self, expression: str, timeout: float = 60.0, what: str | None = None):
+        return self.browser.wait_for(expression, timeout, what=what)
+
+    def open(self, settings: dict | None = None, timeout: float = 180.0) -> ComfyPage:
+        """Save ``settings`` (after :data:`SETTINGS`) on the server, load ComfyUI and wait for the pack's extensions."""
+        body = json.dumps({**SETTINGS, **(settings or {})}).encode()
+        request = urllib.request.Request(self.url + "/api/settings", data=body, method="POST")
+        request.add_header("Content-Type", "application/json")
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30).close()
+        self.browser.goto(self.url, timeout)
+        self.wait_for(
+            f"{APP}?.graph && {APP}.extensionManager?.command && {APP}.vueAppReady",
+            timeout,
+            what="the ComfyUI app to start",
+        )
+        self.wait_for(f"{APP}.extensions.some(e => e.name === {js(PACK_EXTENSIONS[-1])})", timeout, what="extensions")
+        self.evaluate(RECORD_RUNS)
+        return self
+
+    def extensions(self) -> list[str]:
+        return self.evaluate(f"{APP}.extensions.map(e => e.name)")
+
+    def pack_errors(self) -> list[dict]:
+        """Errors the browser logged that come from the pack's JavaScript (uncaught, console.error, load failures)."""
+        return [
+            entry
+            for entry in self.browser.console
+            if entry["level"] in ("error", "exception") and (PACK_JS in entry["url"] or PACK_JS in entry["text"])
+        ]
+
+    # -- workflows ------------------------------------------------------------------------------------------
+
+    def open_template(self, module: str, name: str, timeout: float = 60.0) -> None:
+        """Open the template browser (what its menu entries run), pick ``module``'s category and click ``name``."""
+        self.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        category = f"document.querySelector('li[role=option][aria-label={js(module)}]')"
+        self.wait_for(f"!!{category}", timeout, what=f"template category {module}")
+        self.evaluate(f"{category}.click()")
+        card = f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')"
+        self.wait_for(f"!!{card}", timeout, what=f"template card {name}")
+        self.evaluate(f"{APP}.graph.extra.tloraTestStale = true")  # gone once the template replaced the graph
+        self.evaluate(f"{card}.click()")
+        self.wait_for(
+            f"!{APP}.graph.extra?.tloraTestStale && {APP}.graph.nodes.length > 0"
+            " && !document.querySelector('[data-testid=template-workflows-content]')",
+            timeout,
+            what=f"template {name} to load",
+        )
+
+    def node_types(self) -> list[str]:
+        return self.evaluate(f"{APP}.graph.nodes.map(n => n.type)")
+
+    def missing_node_types(self) -> list[str]:
+        """Node types of the graph that the frontend does not know, and those its missing-nodes dialog lists."""
+        return self.evaluate(
+            f"""[...{APP}.graph.nodes.filter(n => !(n.type in LiteGraph.registered_node_types)).map(n => n.type),
+                ...[...document.querySelectorAll('.comfy-missing-nodes .node-type')].map(e => e.textContent)]"""
+        )
+
+    def node(self, node_type: str) -> str:
+        """A JavaScript expression for the first node of ``node_type``."""
+        return f"{APP}.graph.nodes.find(n => n.type === {js(node_type)})"
+
+    def set_widgets(self, values: dict[str, dict]) -> None:
+        """``{node type: {widget name: value}}`` on every node of each type; unknown names raise."""
+        missing = self.evaluate(
+            f"""(() => {{
+              const missing = [];
+              for (const [type, widgets] of Object.entries({js(values)})) {{
+                const nodes = {APP}.graph.nodes.filter(n => n.type === type);
+                for (const [name, value] of Object.entries(widgets)) {{
+                  const found = nodes.map(n => n.widgets?.find(w => w.name === name)).filter(Boolean);
+                  if (!found.length) missing.push(`${{type}}.${{name}}`);
+                  for (const w of found) w.value = value;
+                }}
+              }}
+              {APP}.graph.setDirtyCanvas(true, true);
+              return missing;
+            }})()"""
+        )
+        if missing:
+            raise BrowserError(f"no such widgets in the graph: {missing}")
+
+    def next_frame(self) -> None:
+        """Return once the page drew its next two animation frames (what was scheduled is drawn)."""
+        self.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+    def fit_view(self, margin: float = 24) -> None:
+        """Zoom (at most 1:1) and centre the canvas on the whole graph."""
+        self.evaluate(
+            f"""(() => {{
+              const canvas = {APP}.canvas;
+              const title = LiteGraph.NODE_TITLE_HEIGHT;
+              const nodes = {APP}.graph.nodes;
+              const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
+              const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
+              const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+              const width = canvas.canvas.clientWidth - 2 * {margin};
+              const height = canvas.canvas.clientHeight - 2 * {margin};
+              const scale = Math.min(width / (x1 - x0), height / (y1 - y0), 1);
+              canvas.ds.scale = scale;
+              canvas.ds.offset[0] = ({margin} + (width - (x1 - x0) * scale) / 2) / scale - x0;
+              canvas.ds.offset[1] = ({margin} + (height - (y1 - y0) * scale) / 2) / scale - y0;
+              canvas.setDirty(true, true);
+            }})()"""
+        )
+
+    def node_rect(self, node_type: str) -> dict:
+        """Where the first ``node_type`` node is on the page, title included: {x, y, width, height} in CSS px."""
+        return self.evaluate(
+            f"""(() => {{
+              const node = {self.node(node_type)}, canvas = {APP}.canvas;
+              const box = canvas.canvas.getBoundingClientRect(), scale = canvas.ds.scale;
+              const [x, y] = canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
+              return {{ x: box.x + x, y: box.y + y, width: node.size[0] * scale,
+                        height: (node.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * scale }};
+            }})()"""
+        )
+
+    # -- running --------------------------------------------------------------------------------------------
+
+    def queue(self, timeout: float = 60.0) -> int:
+        """Queue the graph as the Run button does; returns the index of its run record."""
+        start = self.evaluate("window.tloraTestRuns.length")
+        self.evaluate(f"{APP}.queuePrompt(0, 1)", timeout)
+        return start
+
+    def wait_run(self, since: int = 0, timeout: float = 600.0) -> dict:
+        """The first finished run after record ``since``; BrowserError with the node's error if it failed."""
+        done = f"window.tloraTestRuns.slice({since}).find(r => r.type !== 'execution_start')"
+        run = self.wait_for(f"{done} ?? null", timeout, what="the queued workflow to finish")
+        if run["type"] != "execution_success":
+            raise BrowserError(f"run ended with {run['type']}: {json.dumps(run)[:2000]}")
+        return run
+
+
+# -- the example workflows on the tiny checkpoint ---------------------------------------------------------------
+
+
+def write_training_images(folder: Path, count: int = 2, size: int = 64) -> Path:
+    """``count`` noise images with a caption beside each: what train_tlora.json reads from input/my_subject."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of my_subject, view {i}")
+    return folder
+
+
+def tiny_train_widgets(checkpoint: str, steps: int, output_name: str, preview_every: int = 0) -> dict[str, dict]:
+    """train_tlora.json's widgets for a short run at 64 px on ``checkpoint``."""
+    train = {"steps": steps, "save_every": 0, "output_name": output_name, "overwrite": True}
+    return {
+        "CheckpointLoaderSimple": {"ckpt_name": checkpoint},
+        "LoadImageTextSetFromFolderNode": {"width": 64, "height": 64},
+        "TLoRATrain": {**train, "preview_every": preview_every},
+        "EmptyLatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+    }
+
+
+def chart_state(page: ComfyPage) -> dict:
+    """The Train TLoRA node's loss chart: its points, status line, and how many of its canvas pixels are
+    drawn in the curve's colors (``smooth``: the orange EMA line, ``raw``: the blue points)."""
+    return page.evaluate(
+        f"""(() => {{
+          const chart = {page.node("TLoRATrain")}.tloraLossChart;
+          const {{ width, height }} = chart.canvas;
+          const pixels = width && height ? chart.canvas.getContext("2d").getImageData(0, 0, width, height).data : [];
+          let smooth = 0, raw = 0;
+          for (let i = 0; i < pixels.length; i += 4) {{
+            const [r, g, b] = [pixels[i], pixels[i + 1], pixels[i + 2]];
+            if (r > 220 && g > 140 && g < 210 && b < 120) smooth++;
+            else if (b > 180 && r < 170 && g > 130) raw++;
+          }}
+          return {{ points: chart.points, status: chart.status.textContent, width, height, smooth, raw }};
+        }})()"""
+    )
