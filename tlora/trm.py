@@ -72,13 +72,19 @@ def reference_identity_cores(factors: tuple[int, ...], rank: int, dtype: torch.d
 
 
 def materialize(cores: Cores) -> Tensor:
-    """The dense ``[ΠI_d, ΠJ_d]`` matrix, as :func:`apply` of the identity (``T = (I·Tᵀ)ᵀ``):
-    the same few matmuls as the fast path, ≈ ``n_in·n_out·(ΣI_d R²…R³)`` MACs."""
+    """The dense ``[ΠI_d, ΠJ_d]`` matrix. The first D−1 cores are chained over their (row,
+    column) pairs (``(n_in/J_D)²·R²`` numbers: small), then one contraction with the last core
+    closes the ring and writes T: ≈ ``n_out·n_in·R²`` MACs, no intermediate larger than T."""
     if len(cores) == 1:
         return torch.einsum("ijaa->ij", cores[0])
-    cols = math.prod(c.shape[1] for c in cores)
-    eye = torch.eye(cols, dtype=cores[0].dtype, device=cores[0].device)
-    return apply(eye, cores).T
+    acc = cores[0]
+    for core in cores[1:-1]:
+        i, j, a, _ = acc.shape
+        k, m, _, c = core.shape
+        acc = torch.einsum("ijab,kmbc->ikjmac", acc, core).reshape(i * k, j * m, a, c)
+    last = cores[-1]
+    dense = torch.einsum("IJab,ijba->IiJj", acc, last)
+    return dense.reshape(acc.shape[0] * last.shape[0], acc.shape[1] * last.shape[1])
 
 
 def apply(x: Tensor, cores: Cores) -> Tensor:
