@@ -33,6 +33,7 @@ import torch.utils.checkpoint
 from comfy_api.latest import io
 from comfy_extras.nodes_train import make_batch_extra_option_dict
 
+from ..tlora.batched import prepared
 from ..tlora.format import build_adapter, load_adapter_file, module_tensors, save_adapters
 from ..tlora.model import METHODS, TARGET_GROUPS, TEXT_ENCODER_GROUPS, attach, bypassed, make_adapters, select_modules
 from ..tlora.train import NonFiniteLossError, TrainConfig, Trainer, dco_loss, step_generator
@@ -78,6 +79,7 @@ class RunOptions:
     node_id: str | None = None
     preview_every: int = 0
     preview_vae: object | None = None
+    batched_factors: bool | None = None  # build same-shaped layers' factors together; None: on CUDA
     extra_metadata: dict = field(default_factory=dict)
 
 
@@ -176,6 +178,8 @@ class _TrainingRun:
         count = latents.shape[0]
         dtype = DTYPES[self.options.training_dtype]
         device = latents.device
+        batched = self.options.batched_factors
+        batched = device.type == "cuda" if batched is None else batched
 
         def loss(step: int, micro: int) -> torch.Tensor:
             gen = step_generator(cfg.seed, step, micro)
@@ -188,17 +192,21 @@ class _TrainingRun:
             c_out = sampling.calculate_denoised(sigma, torch.ones_like(xt), torch.zeros_like(xt))
             extra = make_batch_extra_option_dict(extra_args, idx, full_size=count)
 
-            def prediction_error() -> torch.Tensor:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            def prediction_error(adapters) -> torch.Tensor:
+                autocast = dtype != torch.float32
+                with (
+                    torch.autocast(device.type, dtype=dtype, enabled=autocast),
+                    prepared(adapters, dtype if autocast else None) if batched else contextlib.nullcontext(),
+                ):
                     model_wrap.conds["positive"] = conditioner(idx, x0)
                     denoised = model_wrap(xt, sigma, **extra)
                 return ((denoised.float() - x0) / c_out).pow(2).mean(dim=tuple(range(1, x0.ndim)))
 
-            error = prediction_error()
+            error = prediction_error(self.trainer.adapters.values())
             if cfg.loss == "mse":
                 return error.mean()
             with torch.no_grad(), bypassed(self.trainer.adapters.values()):
-                reference = prediction_error()  # the base model: text encoder and UNet unadapted
+                reference = prediction_error(())  # the base model: text encoder and UNet unadapted
             return dco_loss(error, reference, cfg.dco_beta)
 
         return loss

@@ -232,3 +232,13 @@ def test_trains_a_model_loaded_as_comfyui_loads_it(tiny_checkpoint, data):
     assert next(model.model.parameters()).is_inference()
     result = run(SimpleNamespace(model=model), (latents, positive), None, steps=2)
     assert len(result.losses) == 2 and all(v == v for v in result.losses)
+
+
+def test_batched_factors_train_like_each_layers_own_path(tiny_sd15, data):
+    """The GPU default (same-shaped layers' factors built together, tlora.batched) trains the
+    same adapter as the per-layer paths the CPU uses."""
+    per_layer = run(tiny_sd15, data, None, steps=4, batched_factors=False)
+    batched = run(tiny_sd15, data, None, steps=4, batched_factors=True)
+    torch.testing.assert_close(torch.tensor(batched.losses), torch.tensor(per_layer.losses), rtol=1e-4, atol=1e-6)
+    for k in per_layer.tensors:
+        torch.testing.assert_close(batched.tensors[k], per_layer.tensors[k], rtol=1e-3, atol=1e-5)

@@ -101,6 +101,13 @@ def _indexed(tensors: Mapping[str, Tensor], name: str) -> list[Tensor]:
     return out
 
 
+def _matmul_t(x: Tensor, m: Tensor) -> Tensor:
+    """``x @ mᵀ`` in ``x``'s dtype (autocast, when on, picks the dtype itself)."""
+    if m.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return x @ m.T
+    return x @ m.T.to(x.dtype)
+
+
 class TLoRA(Adapter):
     """``W' = W·T + s·Δ`` for one Linear or Conv2d weight.
 
@@ -122,6 +129,7 @@ class TLoRA(Adapter):
         self.config = config
         self.method = method_name(config)
         self.scale = config.scale
+        self.prepared: tuple[Tensor | None, ...] | None = None  # set by tlora.batched.prepared
         gen = torch.Generator().manual_seed(seed)
         self.in_factors = in_factors or factorize(self.in_features, config.num_factors)
         self.out_factors = out_factors or factorize(self.out_features, config.num_factors)
@@ -242,6 +250,8 @@ class TLoRA(Adapter):
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, conv: ConvArgs | None = None) -> Tensor:
         if conv is not None:
             return super().forward(x, weight, bias, conv)
+        if self.prepared is not None:
+            return self._prepared_forward(x, weight, bias)
         path = self.choose_path(cost.tokens_of(x.numel(), self.in_features))
         if path == "merged":
             return super().forward(x, weight, bias, conv)
@@ -257,6 +267,16 @@ class TLoRA(Adapter):
         if factors is not None:
             up, down = factors
             y = y + ((x32 @ down.T) @ (up.T * self.scale)).to(y.dtype)
+        return y
+
+    def _prepared_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear(x + x·Eᵀ, W, b) + (x·downᵀ)·upᵀ`` on factors built by
+        :func:`tlora.batched.prepared` (``E = T − I``, ``up`` already scaled)."""
+        excess, up, down = self.prepared
+        u = x if excess is None else x + _matmul_t(x, excess)
+        y = base_forward(u, weight, bias, None)
+        if up is not None:
+            y = y + _matmul_t(_matmul_t(x, down), up).to(y.dtype)
         return y
 
     def regularizer(self) -> Tensor:
