@@ -143,9 +143,9 @@ def adaptation_table(rows: Sequence[dict], base: dict) -> str:
     return "\n".join(lines)
 
 
-def matched_table(rows: Sequence[dict]) -> str:
-    """Rows: budget caps; columns: methods (their largest size within the cap, its new-class
-    loss and how it compares with LoRA's largest rank within the cap)."""
+def matched_table(rows: Sequence[dict], base: dict) -> str:
+    """Rows: budget caps; columns: methods, each at its largest size within the cap: new-class
+    loss and forgetting (old-class loss change), each marked against LoRA's largest rank within the cap."""
     header = "| budget (× LoRA r=1) | " + " | ".join(METHOD_NAMES[m] for m in ADAPTERS) + " |"
     lines = [header, "|---|" + "---|" * len(ADAPTERS)]
     symbol = {"better": "▲", "worse": "▼", "tie": "="}
@@ -157,8 +157,14 @@ def matched_table(rows: Sequence[dict]) -> str:
             if row is None:
                 cells.append("—")
                 continue
-            mark = "" if method == "lora" else " " + symbol[compare(row["new_loss"], reference["new_loss"])]
-            cells.append(f"{mean_std(row['new_loss'])[0]:.4f}{mark}<br>{row['label']} ({row['ratio']:.2f}×)")
+            marks = ["", ""]
+            if method != "lora":
+                marks = [" " + symbol[compare(row[k], reference[k])] for k in ("new_loss", "old_loss")]
+            forgetting = f"{mean_std(_relative(row['old_loss'], base['old_loss']))[0]:+.1f}%"
+            cells.append(
+                f"{mean_std(row['new_loss'])[0]:.4f}{marks[0]}<br>{forgetting}{marks[1]}<br>{row['label']} "
+                f"({row['ratio']:.2f}×)"
+            )
         name = f"< 1 (≤ {cap})" if cap < 1 else f"≤ {cap:g}"
         lines.append(f"| {name}<br>vs {reference['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -437,11 +443,11 @@ def generated_section(results: dict) -> str:
         "",
         "### Matched budgets",
         "",
-        "Each method's largest size within the budget; ▲ better, ▼ worse, = tie against the LoRA named in the "
-        "row (new-class loss, beyond 2 standard errors over seeds). Below LoRA r=1 the reference is LoRA r=1, "
-        "which has more parameters.",
+        "Each method's largest size within the budget: its new-class loss, then its forgetting (old-class loss "
+        "change), each marked ▲ better, ▼ worse or = tie against the LoRA named in the row (beyond 2 standard "
+        "errors over seeds). Below LoRA r=1 the reference is LoRA r=1, which has more parameters.",
         "",
-        matched_table(results["adaptation"]),
+        matched_table(results["adaptation"], results["base"]),
         "",
         "![adaptation](adaptation.png)",
         "",

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         mark = phase("approximation fits", mark)
 
     results = {
-        "command": "python bench/quality/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python bench/quality/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {
             "new_class": NEW_CLASS,
             "shots": SHOTS,
