@@ -6,8 +6,9 @@ ComfyUI's own Train LoRA node (LoRA r=8), this pack's LoRA r=8, TLoRA(2,6) and S
 Each trainer runs in its own subprocess (so peak memory is its own): it trains ``warm`` steps,
 then ``warm + steps``, and the step time is the difference divided by ``steps`` (set-up cost
 cancels). Memory is the peak resident set during training minus the set before it (CPU), or
-the CUDA allocator's peak (GPU). Targets (issue #5): TLoRA ≤ 1.3× and peak ≤ 1.15× this
-pack's LoRA; this pack's LoRA no slower than ComfyUI's.
+the CUDA allocator's peak (GPU). Each trainer runs ``--repeats`` times, alternating, and the
+medians are reported (a single CPU run's memory moves by tens of MiB). Targets (issue #5):
+TLoRA ≤ 1.3× and peak ≤ 1.15× this pack's LoRA; this pack's LoRA no slower than ComfyUI's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -99,6 +101,7 @@ def main() -> int:
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per trainer (median): CPU peak RSS is noisy")
     parser.add_argument("--model", default="tiny-sd15", choices=["tiny-sd15", "sdxl"], help="sdxl: full size, GPU")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="training dtype (adapters stay fp32)")
@@ -122,19 +125,25 @@ def main() -> int:
 
         comfyhost.import_host(comfy_path)
         write_tiny_sd15(checkpoint.with_suffix(".partial"), comfy_path).rename(checkpoint)
-    results = {}
-    for trainer in TRAINERS:
-        cmd = [sys.executable, __file__, "--child", trainer, "--checkpoint", str(checkpoint)]
-        cmd += ["--comfyui", str(comfy_path), "--size", str(args.size), "--batch", str(args.batch)]
-        cmd += ["--device", args.device, "--dtype", args.dtype, "--warm", str(args.warm), "--steps", str(args.steps)]
-        cmd += ["--model", args.model]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode:
-            print(out.stderr[-3000:])
-            return 1
-        results[trainer] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = {trainer: [] for trainer in TRAINERS}
+    for _ in range(args.repeats):  # trainers alternate, so load on a shared machine hits them alike
+        for trainer in TRAINERS:
+            cmd = [sys.executable, __file__, "--child", trainer, "--checkpoint", str(checkpoint)]
+            cmd += ["--comfyui", str(comfy_path), "--size", str(args.size), "--batch", str(args.batch)]
+            cmd += ["--device", args.device, "--dtype", args.dtype, "--warm", str(args.warm)]
+            cmd += ["--steps", str(args.steps), "--model", args.model]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode:
+                print(out.stderr[-3000:])
+                return 1
+            runs[trainer].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {
+        trainer: {key: statistics.median(r[key] for r in rs) for key in ("step_s", "memory_mib")}
+        for trainer, rs in runs.items()
+    }
     model = "full-size SDXL UNet (random weights)" if args.model == "sdxl" else "tiny SD1.5-layout UNet"
     print(f"{model}, latents {args.size}×{args.size}, batch {args.batch}, {args.dtype}, {args.device}")
+    print(f"median of {args.repeats} run(s) per trainer")
     print(f"{'trainer':<18}{'step':>10}{'memory':>12}{'time vs LoRA':>15}{'memory vs LoRA':>16}")
     lora = results["lora-r8"]
     for name, r in results.items():
