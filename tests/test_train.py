@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tlora import PRESETS, SODA, TLoRA, soda_preset
+from tlora import PRESETS, SODA, TLoRA, preset, soda_preset
 from tlora.model import attach
 from tlora.train import NonFiniteLossError, TrainConfig, Trainer, dco_loss, step_generator
 
@@ -166,3 +166,16 @@ def test_resume_from_another_method_is_refused(tmp_path):
     _, other = make("tlora")
     with pytest.raises(ValueError, match=r"another method|does not fit"):
         Trainer(other, TrainConfig(steps=2)).load_state(tmp_path / "s.safetensors")
+
+
+def test_trainer_adds_the_active_regularizers_only():
+    regularized = TLoRA((24, 24), preset("tlora", regularizer="identity", regularizer_weight=0.5))
+    plain = TLoRA((24, 24), PRESETS["tlora"])
+    trainer = Trainer({"a": regularized, "b": plain}, TrainConfig(steps=1))
+    assert regularized.has_regularizer and not plain.has_regularizer
+    assert trainer.regularizer().item() == 0.0  # at the init the anchored regularizer is zero
+    with torch.no_grad():
+        regularized.transform[0].add_(0.1)
+        plain.transform[0].add_(0.1)
+    torch.testing.assert_close(trainer.regularizer(), regularized.regularizer())
+    assert trainer.regularizer().item() > 0.0

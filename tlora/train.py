@@ -113,7 +113,7 @@ class Trainer:
         return [p for a in self.adapters.values() for p in a.parameters() if p.requires_grad]
 
     def regularizer(self) -> Tensor:
-        return sum((a.regularizer() for a in self.adapters.values()), torch.zeros(()))
+        return sum((a.regularizer() for a in self.adapters.values() if a.has_regularizer), torch.zeros(()))
 
     @property
     def done(self) -> bool:

@@ -76,6 +76,11 @@ class Adapter(nn.Module):
         """The adapted layer's output for input ``x`` (training path). Default: merge."""
         return base_forward(x, self.merged_weight(weight), bias, conv)
 
+    @property
+    def has_regularizer(self) -> bool:
+        """Whether :meth:`regularizer` can be non-zero (the trainer skips the others)."""
+        return False
+
     def regularizer(self) -> Tensor:
         """An optional penalty added to the training loss (zero unless configured)."""
         return torch.zeros((), device=self._device())

@@ -279,9 +279,14 @@ class TLoRA(Adapter):
             y = y + _matmul_t(_matmul_t(x, down), up).to(y.dtype)
         return y
 
+    @property
+    def has_regularizer(self) -> bool:
+        cfg = self.config
+        return cfg.regularizer != "none" and cfg.regularizer_weight != 0 and bool(cfg.transform_rank)
+
     def regularizer(self) -> Tensor:
-        kind, weight = self.config.regularizer, self.config.regularizer_weight
-        if kind == "none" or weight == 0 or not self.config.transform_rank:
+        if not self.has_regularizer:
             return super().regularizer()
+        kind, weight = self.config.regularizer, self.config.regularizer_weight
         fn = trm.identity_regularizer if kind == "identity" else trm.orthogonal_regularizer
         return weight * fn(self.cores(), self._anchor)
