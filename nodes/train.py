@@ -20,10 +20,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import comfy.lora
 import comfy.model_management
 import comfy.sampler_helpers
 import comfy.samplers
+import comfy.sd
 import comfy.utils
 import comfy_extras.nodes_custom_sampler
 import folder_paths
@@ -368,20 +368,6 @@ def release_inference_tensors(model: torch.nn.Module) -> None:
                 module._buffers[name] = buffer.clone()
 
 
-def patched(model, clip, tensors: dict[str, torch.Tensor]):
-    """Clones of ``model`` and ``clip`` (None stays None) patched with adapter tensors through
-    ComfyUI's LoRA loader."""
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    new_model = model.clone()
-    new_model.add_patches(comfy.lora.load_lora(tensors, key_map, log_missing=False), 1.0)
-    if clip is None:
-        return new_model, None
-    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-    new_clip = clip.clone()
-    new_clip.add_patches(comfy.lora.load_lora(tensors, key_map, log_missing=False), 1.0)
-    return new_model, new_clip
-
-
 def per_image(items: list, count: int, what: str) -> list:
     """``items`` as one per image: a single item is shared by all ``count`` images."""
     if len(items) == 1:
@@ -431,7 +417,7 @@ def train(
     mp = model.clone()
     te = clip.clone() if has_text else None
     with torch.inference_mode(False), torch.enable_grad():
-        patchers = [mp] if te is None else [mp, te.patcher]
+        patchers = [mp, te.patcher] if text_groups else [mp]  # a frozen text encoder only encodes, once
         comfy.model_management.load_models_gpu(patchers, memory_required=1e20, force_full_load=True)
         for patcher in patchers:
             release_inference_tensors(patcher.model)
@@ -510,7 +496,7 @@ def train(
             adapter.requires_grad_(False)
         saved = run.save()
         tensors = module_tensors(adapters)
-    new_model, new_clip = patched(model, clip, tensors)
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, tensors, 1.0, 1.0)  # as Apply TLoRA does
     return TrainResult(new_model, new_clip, tensors, list(trainer.losses), saved, trainer.step)
 
 

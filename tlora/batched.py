@@ -49,7 +49,7 @@ def build_group(members: list[TLoRA], dtype: torch.dtype | None) -> list[tuple[T
     """``(E [in, in] | None, up·s [out, r] | None, down [r, in] | None)`` per member, in
     ``dtype`` (fp32 when None)."""
     first = members[0]
-    device = first.transform[0].device if len(first.transform) else first._device()
+    device = first._device()
     count = len(members)
     columns: list[tuple[Tensor, ...] | list[None]] = []
     with torch.autocast(device.type, enabled=False):
