@@ -21,7 +21,10 @@ Each pass starts from the file's tensors: "load" is grouping them per module (co
 module's adapter from its tensors, as the pack's ComfyUI adapter does on first use. Passes
 alternate between the adapters to spread load noise; SD1.5 reports the median of
 ``--repeats`` passes after a warm-up pass, SDXL ``--sdxl-repeats`` passes after a warm-up on
-one layer per shape. Target: TLoRA ≤ 2× LoRA (total time). On a busy 2-core machine
+one layer per shape. Target: TLoRA ≤ 2× LoRA (total time). A "floor" line then bounds what
+any implementation could reach here: the merge's arithmetic (``tlora.cost.merge_macs``) at
+this machine's large-matmul rate, measured in the same run, plus the patcher's own fp32 copy
+and cast back of every weight, timed alone. On a busy 2-core machine
 ``--threads 1`` gives steadier figures (OpenMP threads wait on each other). Last, a
 subprocess measures the peak extra memory of merging one 10240→1280 (feed-forward sized)
 weight: its in×in T would be 400 MiB in fp32 and is never built.
@@ -129,6 +132,10 @@ class CorePatcher:
         w32.add_(adapter.delta_weight(w32), alpha=strength)
         weight.copy_(w32)
 
+    def round_trip(self, module: str, weight: torch.Tensor) -> None:
+        """The patch without the adapter: the fp32 working copy and the cast back."""
+        weight.copy_(weight.to(torch.float32, copy=True))
+
 
 class ComfyPatcher:
     """Patching through ComfyUI's own loader and ``calculate_weight``."""
@@ -164,18 +171,24 @@ class ComfyPatcher:
         out = self.comfy.lora.calculate_weight([(strength, loaded[key], 1.0, None, None)], temp, key)
         weight.copy_(self.comfy.float.stochastic_rounding(out, weight.dtype, seed=self.comfy.seed(key)))
 
+    def round_trip(self, module: str, weight: torch.Tensor) -> None:
+        """The patch without the adapter: ComfyUI's fp32 working copy and its rounding back."""
+        key = f"{module}.weight"
+        temp = weight.to(torch.float32, copy=True)
+        weight.copy_(self.comfy.float.stochastic_rounding(temp, weight.dtype, seed=self.comfy.seed(key)))
+
 
 # -- adapters and weights -------------------------------------------------------------------
 def module_name(layer: str) -> str:
     return f"diffusion_model.{layer}"
 
 
-def adapter_file(core, layers, method: str, overrides: dict, seed: int, device: str = "cpu") -> tuple[dict, int]:
-    """The tensors a saved file of this adapter holds (randomized as if trained), and its
-    parameter count."""
+def adapter_file(core, layers, method: str, overrides: dict, seed: int, device: str = "cpu") -> tuple[dict, int, int]:
+    """The tensors a saved file of this adapter holds (randomized as if trained), its
+    parameter count, and the multiply-accumulates of merging it into every layer."""
     config = core.preset(method, **overrides)
     gen = torch.Generator().manual_seed(seed)
-    tensors, params = {}, 0
+    tensors, params, macs = {}, 0, 0
     for i, (name, out, inp) in enumerate(layers):
         adapter = core.TLoRA((out, inp), config, seed=seed + i)
         with torch.no_grad():
@@ -183,9 +196,10 @@ def adapter_file(core, layers, method: str, overrides: dict, seed: int, device: 
                 scale = p.abs().mean().item() or 1.0
                 p.add_(torch.randn(p.shape, generator=gen), alpha=NOISE * scale)
         params += adapter.num_parameters()
+        macs += core.cost.merge_macs(adapter.cost_shape)
         file_tensors = core.format.adapter_tensors(adapter).items()
         tensors.update({f"{module_name(name)}.{k}": v.to(device) for k, v in file_tensors})
-    return tensors, params
+    return tensors, params, macs
 
 
 def fp16_weights(layers, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -207,6 +221,7 @@ class Row:
     label: str
     tensors: dict
     params: int
+    macs: int
     modewise: bool = False  # diagnostic: W·T always mode by mode, never through a dense T
     load: list[float] = field(default_factory=list)
     patch: list[float] = field(default_factory=list)
@@ -247,7 +262,7 @@ def only(row: Row, layers) -> Row:
     """``row`` restricted to the tensors of ``layers`` (a file holding just those modules)."""
     prefixes = tuple(module_name(name) + "." for name, _, _ in layers)
     tensors = {k: v for k, v in row.tensors.items() if k.startswith(prefixes)}
-    return Row(row.label, tensors, row.params, row.modewise)
+    return Row(row.label, tensors, row.params, row.macs, row.modewise)
 
 
 def one_per_shape(layers):
@@ -276,6 +291,31 @@ def check_patch(patcher, core, rows: list[Row], layers, strength: float) -> None
             raise AssertionError(f"{row.label}: patched weight is wrong (max error {err:.2e})")
 
 
+def round_trip_time(patcher, layers, weights, repeats: int) -> float:
+    """Median time of every weight's patch minus the adapter's work (what any adapter pays)."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for name, _, _ in layers:
+            patcher.round_trip(module_name(name), weights[name])
+        synchronize(weights)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def gemm_rate(device: str, size: int = 2048, repeats: int = 5) -> float:
+    """Multiply-accumulates per second of a large fp32 matmul here: the arithmetic peak
+    that any merge's contractions could reach at best (median of ``repeats``)."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        a @ b
+        synchronize({"a": a})
+        times.append(time.perf_counter() - start)
+    return size**3 / statistics.median(times[1:])
+
+
 def bench_model(model: str, patcher, core, args) -> int:
     layers = MODELS[model]
     rows = [
@@ -286,7 +326,7 @@ def bench_model(model: str, patcher, core, args) -> int:
     config = core.preset(method, **overrides)
     dense = sum(core.cost.dense_merge_is_cheaper(core.TLoRA((o, i), config).cost_shape) for _, o, i in layers)
     if dense:  # a diagnostic row: the same adapter merged mode by mode everywhere
-        rows.append(Row(f"{label} mode-wise", rows[0].tensors, rows[0].params, modewise=True))
+        rows.append(Row(f"{label} mode-wise", rows[0].tensors, rows[0].params, rows[0].macs, modewise=True))
     check_patch(patcher, core, rows, layers, args.strength)
     weights = fp16_weights(layers, seed=0, device=args.device)
     numel = sum(w.numel() for w in weights.values())
@@ -322,6 +362,18 @@ def bench_model(model: str, patcher, core, args) -> int:
         ok = ratio <= TARGET
         failures += not ok
         print(f"  target: {tlora.label} ≤ {TARGET:g}× {lora.label} → {ratio:.2f}× {'OK' if ok else 'MISSED'}")
+    rate = gemm_rate(args.device)
+    trip = round_trip_time(patcher, layers, weights, repeats)
+    floor = trip + tlora.macs / rate
+    print(
+        f"  floor: {tlora.label}'s merge is {tlora.macs / 1e9:.1f} GMAC of arithmetic ("
+        + ", ".join(f"{r.label}: {r.macs / 1e9:.2f}" for r in loras)
+        + f"): {tlora.macs / rate * 1e3:.0f} ms at this machine's fp32 matmul peak, measured now"
+        f" ({rate / 1e9:.0f} GMAC/s, 2048² matmuls), plus {trip * 1e3:.0f} ms for the patcher's fp32 copy and cast"
+        f" back of every weight, timed alone = {floor * 1e3:.0f} ms: "
+        + ", ".join(f"{floor / r.total():.2f}× {r.label}" for r in loras)
+        + " with no other memory traffic and every contraction at peak"
+    )
     del weights
     return failures
 

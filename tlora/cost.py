@@ -48,16 +48,23 @@ class LayerShape:
     residual_rank: int = 0
 
 
+def contraction_macs(rows: int, shape: LayerShape) -> int:
+    """Multiply-accumulates of applying T to ``rows`` vectors through the cores."""
+    n, r, f = shape.in_features, shape.transform_rank, shape.factors
+    if not f:
+        return 0
+    if len(f) == 1:
+        return rows * n * n
+    return rows * n * ((f[0] + f[-1]) * r * r + sum(f[1:-1]) * r**3)
+
+
 def contraction_cost(rows: int, shape: LayerShape) -> float:
     """Applying T to ``rows`` vectors through the cores (:func:`tlora.trm.apply`)."""
     n, r, f = shape.in_features, shape.transform_rank, shape.factors
     if not f:
         return 0.0
-    if len(f) == 1:
-        return rows * n * n
-    macs = rows * n * ((f[0] + f[-1]) * r * r + sum(f[1:-1]) * r**3)
-    moved = rows * n * r * r * (len(f) + 1)
-    return macs + MEMORY_COST * moved + KERNEL_COST * 2 * len(f)
+    moved = rows * n * r * r * (len(f) + 1) if len(f) > 1 else 0
+    return contraction_macs(rows, shape) + MEMORY_COST * moved + KERNEL_COST * 2 * len(f)
 
 
 def materialize_cost(shape: LayerShape) -> float:
@@ -68,6 +75,18 @@ def materialize_cost(shape: LayerShape) -> float:
     if not f:
         return 0.0
     return n * n * r * r + MEMORY_COST * 2 * n * n + KERNEL_COST * len(f)
+
+
+def merge_macs(shape: LayerShape) -> int:
+    """Multiply-accumulates of merging ``W' = W·T + s·Δ`` by the cheaper route for ``W·T``
+    (mode by mode, or a dense T then one matmul), ``Δ`` from its rank-``residual_rank``
+    factors: the arithmetic a merge cannot avoid, with no memory traffic counted."""
+    n, m, r, f = shape.in_features, shape.out_features, shape.transform_rank, shape.factors
+    residual = m * n * shape.residual_rank
+    if not f:
+        return residual
+    dense = n * n * r * r + m * n * n
+    return residual + min(dense, contraction_macs(m, shape))
 
 
 def dense_merge_is_cheaper(shape: LayerShape) -> bool:
