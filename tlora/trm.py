@@ -124,8 +124,9 @@ def apply_to_weight(weight: Tensor, cores: Cores, max_elements: int = 1 << 24) -
     cores_t = transpose(cores)
     rank = cores[0].shape[2]
     rows = max(1, max_elements // (flat.shape[1] * rank * rank))
-    out = torch.cat([apply(chunk, cores_t) for chunk in flat.split(rows)])
-    return out.reshape(weight.shape)
+    if rows >= flat.shape[0]:
+        return apply(flat, cores_t).reshape(weight.shape)
+    return torch.cat([apply(chunk, cores_t) for chunk in flat.split(rows)]).reshape(weight.shape)
 
 
 def product_cores(a: Cores, b: Cores) -> Cores:

@@ -229,18 +229,37 @@ class TLoRA(Adapter):
 
     # -- the interface ---------------------------------------------------------------------
     def merged_weight(self, weight: Tensor) -> Tensor:
-        self._check_weight(weight)
-        flat = weight.float().reshape(self.out_features, self.in_features)
+        flat = self._flat(weight)
         if self.config.transform_rank:
-            if cost.dense_merge_is_cheaper(self.cost_shape):
-                flat = flat @ self.transform_matrix()
-            else:
-                flat = trm.apply_to_weight(flat, self.cores())
+            flat = self._times_transform(flat)
         factors = self.residual_factors()
         if factors is not None:
             up, down = factors
             flat = torch.addmm(flat, up, down, alpha=self.scale)
         return flat.reshape(self.weight_shape)
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        """``W·T − W + s·Δ`` built in one buffer (no ``W'`` and no second fp32 copy of W)."""
+        flat = self._flat(weight)
+        factors = self.residual_factors()
+        if not self.config.transform_rank:
+            up, down = factors
+            return ((up * self.scale) @ down).reshape(self.weight_shape)
+        delta = self._times_transform(flat).sub_(flat)
+        if factors is not None:
+            delta.addmm_(*factors, alpha=self.scale)
+        return delta.reshape(self.weight_shape)
+
+    def _flat(self, weight: Tensor) -> Tensor:
+        """``weight`` in fp32 as ``[out, in]``."""
+        self._check_weight(weight)
+        return weight.float().reshape(self.out_features, self.in_features)
+
+    def _times_transform(self, flat: Tensor) -> Tensor:
+        """``W·T`` (a new tensor), through a dense T or mode by mode, whichever is cheaper."""
+        if cost.dense_merge_is_cheaper(self.cost_shape):
+            return flat @ self.transform_matrix()
+        return trm.apply_to_weight(flat, self.cores())
 
     def choose_path(self, tokens: int) -> str:
         if self.config.path != "auto":
