@@ -69,8 +69,8 @@ class _TensorGroupAdapter(WeightAdapterBase):
             with torch.no_grad():
                 adapter = self.adapter_for(weight)
                 self.prepare(adapter, weight)
-                delta = adapter.delta_weight(weight)
-                weight += function((strength * delta).to(weight.dtype))
+                delta = adapter.delta_weight(weight).mul_(strength)  # a fresh buffer: scaled in place
+                weight += function(delta.to(weight.dtype))
         except (ValueError, RuntimeError) as err:
             log.error("%s: %s not patched: %s", self.name, key, err)
         return weight
