@@ -53,6 +53,8 @@ def test_round_trip_rebuilds_every_module_exactly(saved):
         weight = torch.randn(SHAPES[module], generator=torch.Generator().manual_seed(100))
         rebuilt = build_adapter(weight.shape, group)
         torch.testing.assert_close(rebuilt.merged_weight(weight), adapters[module].merged_weight(weight))
+        torch.testing.assert_close(rebuilt.delta_weight(weight), rebuilt.merged_weight(weight) - weight)
+        assert not any(p.requires_grad for p in rebuilt.parameters())  # for merging: matmuls take the fast path
 
 
 def test_suffixes_are_unambiguous(saved):
