@@ -16,8 +16,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
+
+from .waiting import poll_until
 
 NO_CHROMIUM_REASON = "no Chromium: set CHROMIUM=/path/to/chromium or put chromium on PATH"
 
@@ -83,14 +84,17 @@ class Browser:
 
     def _devtools_port(self) -> int:
         marker = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + self.timeout
-        while not marker.is_file() or not marker.read_text().strip():
-            if self.proc.poll() is not None:
-                raise BrowserError(f"Chromium exited with {self.proc.returncode}\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BrowserError(f"Chromium gave no DevTools port in {self.timeout:.0f} s\n{self.log_tail()}")
-            time.sleep(0.1)
-        return int(marker.read_text().split()[0])
+        text = poll_until(
+            lambda: marker.is_file() and marker.read_text().strip(),
+            proc=self.proc,
+            timeout=self.timeout,
+            interval=0.1,
+            died=lambda: BrowserError(f"Chromium exited with {self.proc.returncode}\n{self.log_tail()}"),
+            timed_out=lambda: BrowserError(
+                f"Chromium gave no DevTools port in {self.timeout:.0f} s\n{self.log_tail()}"
+            ),
+        )
+        return int(text.split()[0])
 
     async def _connect(self, port: int) -> None:
         import aiohttp
@@ -199,16 +203,14 @@ class Browser:
 
     def wait_for(self, expression: str, timeout: float = 60.0, poll: float = 0.25, what: str | None = None):
         """Poll a JavaScript expression until it is truthy; returns its value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            if self.proc is None or self.proc.poll() is not None:
-                raise BrowserError(f"Chromium died while waiting for {what or expression}\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BrowserError(f"timed out after {timeout:.0f} s waiting for {what or expression}")
-            time.sleep(poll)
+        return poll_until(
+            lambda: self.evaluate(expression),
+            proc=self.proc,
+            timeout=timeout,
+            interval=poll,
+            died=lambda: BrowserError(f"Chromium died while waiting for {what or expression}\n{self.log_tail()}"),
+            timed_out=lambda: BrowserError(f"timed out after {timeout:.0f} s waiting for {what or expression}"),
+        )
 
     def goto(self, url: str, timeout: float = 120.0) -> None:
         self.send("Page.navigate", url=url)

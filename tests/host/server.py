@@ -8,12 +8,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+
+from .waiting import poll_until
 
 LOOPBACK = "127.0.0.1"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
@@ -115,20 +116,24 @@ class ComfyServer:
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until /object_info answers, then check that the pack imported cleanly."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise ComfyServerError(f"ComfyUI exited with {code} while starting\n{self.log_tail()}")
+
+        def object_info() -> dict | None:
             try:
-                self._object_info = self._request("GET", "/object_info", timeout=30)
-                break
+                return self._request("GET", "/object_info", timeout=30)
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ComfyServerError(f"ComfyUI did not answer /object_info within {timeout:.0f} s\n{self.log_tail()}")
-            time.sleep(0.25)
+                return None
+
+        def died() -> ComfyServerError:
+            code = None if self.proc is None else self.proc.returncode
+            return ComfyServerError(f"ComfyUI exited with {code} while starting\n{self.log_tail()}")
+
+        def timed_out() -> ComfyServerError:
+            self.stop()
+            return ComfyServerError(f"ComfyUI did not answer /object_info within {timeout:.0f} s\n{self.log_tail()}")
+
+        self._object_info = poll_until(
+            object_info, proc=self.proc, timeout=timeout, interval=0.25, died=died, timed_out=timed_out
+        )
         self.check_pack_imported()
 
     def start(self, timeout: float = 120.0) -> ComfyServer:
@@ -194,19 +199,18 @@ class ComfyServer:
 
     def wait(self, prompt_id: str, timeout: float = 120.0, poll: float = 0.1) -> dict:
         """Block until the prompt finished; returns its history entry. Raises with the node error on failure."""
-        deadline = time.monotonic() + timeout
-        while True:
-            entry = self._request("GET", f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
-            if entry is not None:  # in the history only once finished
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error" or status.get("completed") is False:
-                    raise ComfyServerError(execution_error_text(entry) + "\n" + self.log_tail(20))
-                return entry
-            if self.proc is None or self.proc.poll() is not None:
-                raise ComfyServerError(f"ComfyUI died while running {prompt_id}\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise ComfyServerError(f"prompt {prompt_id} not done after {timeout:.0f} s\n{self.log_tail()}")
-            time.sleep(poll)
+        entry = poll_until(  # in the history only once finished
+            lambda: self._request("GET", f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id),
+            proc=self.proc,
+            timeout=timeout,
+            interval=poll,
+            died=lambda: ComfyServerError(f"ComfyUI died while running {prompt_id}\n{self.log_tail()}"),
+            timed_out=lambda: ComfyServerError(f"prompt {prompt_id} not done after {timeout:.0f} s\n{self.log_tail()}"),
+        )
+        status = entry.get("status") or {}
+        if status.get("status_str") == "error" or status.get("completed") is False:
+            raise ComfyServerError(execution_error_text(entry) + "\n" + self.log_tail(20))
+        return entry
 
     def run(self, prompt: dict, timeout: float = 120.0) -> dict:
         """queue() + wait()."""
