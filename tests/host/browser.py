@@ -18,7 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .waiting import poll_until
+from .waiting import poll_until, stop_process
 
 NO_CHROMIUM_REASON = "no Chromium: set CHROMIUM=/path/to/chromium or put chromium on PATH"
 
@@ -113,13 +113,7 @@ class Browser:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        stop_process(proc)
         shutil.rmtree(self.profile, ignore_errors=True)
 
     async def _disconnect(self) -> None:

@@ -1,4 +1,5 @@
-"""Waiting on a subprocess (ComfyUI, Chromium): poll until ready, fail fast if it died, never wait forever."""
+"""Waiting on a subprocess (ComfyUI, Chromium): poll until ready, fail fast if it died, never wait forever;
+stop it."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def poll_until(
         if time.monotonic() > deadline:
             raise timed_out()
         time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """Terminate ``proc`` if it still runs; kill it if it has not exited ``timeout`` s later."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
