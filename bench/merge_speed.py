@@ -8,7 +8,7 @@ fp16 weight, make an fp32 copy, add ``strength · (W' − W)``, cast back to fp1
 weight. The to_q/k/v/out weights of every transformer block (``bench/shapes.py``) are held in
 fp16 and patched one by one, so only one layer's fp32 temporaries exist at a time.
 
-- core-only (default, no ComfyUI): the file's tensors (``tlora.format.adapter_tensors``) are
+- core-only (default, no ComfyUI): the file's tensors (``Adapter.file_tensors``) are
   grouped per module, each module's adapter is rebuilt (``build_adapter``, as the pack's
   ComfyUI adapter does on first use) and ``adapter.delta_weight`` gives ``W' − W``;
 - ``--comfyui PATH``: the same tensors go through ComfyUI's own ``comfy.lora.load_lora`` (with
@@ -90,24 +90,17 @@ def core_namespace(comfyui: Path | None) -> SimpleNamespace:
 
 
 def import_comfyui(path: Path) -> SimpleNamespace:
-    """ComfyUI's core on CPU, then this repo as the custom node package ``comfyui_tlora``."""
-    sys.dont_write_bytecode = True
-    sys.path.insert(0, str(path))  # ComfyUI's top-level modules (nodes, folder_paths, ...) first
-    import comfy.cli_args
+    """ComfyUI's core on CPU, then this repo as the custom node package ``comfyui_tlora``
+    (through the pack's one host loader, tools/comfyui_host.py)."""
+    sys.path.insert(0, str(REPO))
+    from tools import comfyui_host
 
-    comfy.cli_args.args.cpu = True  # before comfy.model_management: no GPU driver needed
+    comfyui_host.boot(path, cpu=True)  # registers the pack's weight adapters
     import comfy.float
     import comfy.lora
-    import comfy.model_management
     import comfy.model_patcher
     import comfy.weight_adapter
 
-    spec = importlib.util.spec_from_file_location(
-        PACK_MODULE, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = module
-    spec.loader.exec_module(module)  # registers the pack's weight adapters
     registered = [a.__name__ for a in comfy.weight_adapter.adapters]
     if "TLoRAWeightAdapter" not in registered:
         raise RuntimeError(f"the pack's adapters are not registered in comfy.weight_adapter.adapters: {registered}")
@@ -197,7 +190,7 @@ def adapter_file(core, layers, method: str, overrides: dict, seed: int, device: 
                 p.add_(torch.randn(p.shape, generator=gen), alpha=NOISE * scale)
         params += adapter.num_parameters()
         macs += core.cost.merge_macs(adapter.cost_shape)
-        file_tensors = core.format.adapter_tensors(adapter).items()
+        file_tensors = adapter.file_tensors().items()
         tensors.update({f"{module_name(name)}.{k}": v.to(device) for k, v in file_tensors})
     return tensors, params, macs
 

@@ -32,8 +32,8 @@ def main() -> int:
     if not args.comfyui:
         parser.error("needs a ComfyUI: --comfyui PATH or COMFYUI_PATH, run with that ComfyUI's Python")
     sys.path.insert(0, str(REPO))
-    from tests.host import comfyhost
-    from tests.host.checkpoint import write_tiny_sd15
+    from tools import comfyui_host as comfyhost
+    from tools.tiny_checkpoints import write_tiny_sd15
 
     comfyhost.import_host(Path(args.comfyui), cpu=args.device == "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="tlora-profile-"))
@@ -48,15 +48,20 @@ def main() -> int:
     (positive,) = __import__("nodes").CLIPTextEncode().encode(clip, "a photo of sks toy")
     latents = {"samples": torch.randn(args.batch, 4, args.size, args.size)}
     glue = sys.modules["comfyui_tlora.nodes.train"]
-    config = sys.modules["comfyui_tlora.tlora.train"].TrainConfig
+    options_cls = sys.modules["comfyui_tlora.tlora.options"].TrainingOptions
     sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     for method, (transform_rank, residual_rank) in METHODS.items():
-        spec = glue.AdapterSpec(method=method, transform_rank=transform_rank, residual_rank=residual_rank)
+        base = options_cls(
+            method=method,
+            transform_rank=transform_rank,
+            residual_rank=residual_rank,
+            batch_size=args.batch,
+            training_dtype=args.dtype,
+        )
 
-        def train(steps, spec=spec):
-            options = glue.RunOptions(training_dtype=args.dtype)
-            glue.train(model, latents, positive, spec, config(steps=steps, batch_size=args.batch), options)
+        def train(steps, base=base):
+            glue.train(model, latents, base.replace(steps=steps), positive=positive)
             sync()
 
         train(2)

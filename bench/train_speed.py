@@ -37,7 +37,7 @@ def rss_mib() -> float:
 def child(trainer: str, comfy_path: Path, checkpoint: Path, args: argparse.Namespace) -> dict:
     """Runs in the subprocess: load the host and the model, train twice, report."""
     sys.path.insert(0, str(REPO))
-    from tests.host import comfyhost
+    from tools import comfyui_host as comfyhost
 
     comfyhost.import_host(comfy_path, cpu=args.device == "cpu")
     comfyhost.use_dirs(Path(os.environ["TLORA_BENCH_TMP"]) / "run", Path(os.environ["TLORA_BENCH_TMP"]) / "models")
@@ -47,7 +47,7 @@ def child(trainer: str, comfy_path: Path, checkpoint: Path, args: argparse.Names
 
     torch.manual_seed(0)
     if args.model == "sdxl":  # a random full-size SDXL UNet; random text embeddings stand in for its CLIPs
-        from tests.host.checkpoint import build_sdxl_unet
+        from tools.tiny_checkpoints import build_sdxl_unet
 
         model = comfy.sd.load_diffusion_model_state_dict(build_sdxl_unet(args.device))
         positive = [[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280)}]]
@@ -57,21 +57,48 @@ def child(trainer: str, comfy_path: Path, checkpoint: Path, args: argparse.Names
     size, warm, steps, device, dtype = args.size, args.warm, args.steps, args.device, args.dtype
     latents = {"samples": torch.randn(args.batch, 4, size, size)}
     if trainer == "comfyui-lora-r8":
-        node = __import__("comfy_extras.nodes_train", fromlist=["TrainLoraNode"]).TrainLoraNode()
+        node = __import__("comfy_extras.nodes_train", fromlist=["TrainLoraNode"]).TrainLoraNode
 
         def train(n):
-            settings = (args.batch, n, 1, 1e-4, 8, "AdamW", "MSE", 0, dtype, "fp32", "LoRA", False, "[None]")
-            node.train(model, latents, positive, *settings)
+            settings = {
+                "batch_size": args.batch,
+                "steps": n,
+                "grad_accumulation_steps": 1,
+                "learning_rate": 1e-4,
+                "rank": 8,
+                "optimizer": "AdamW",
+                "loss_function": "MSE",
+                "seed": 0,
+                "training_dtype": dtype,
+                "lora_dtype": "fp32",
+                "algorithm": "LoRA",
+                "gradient_checkpointing": False,
+                "existing_lora": "[None]",
+            }
+            if hasattr(node, "train"):  # ComfyUI 0.3.x: a V1 node with positional settings
+                node().train(model, latents, positive, *settings.values())
+                return
+            # ComfyUI ≥ 0.4: a V3 node whose inputs are all lists, with more settings
+            settings |= {"quantized_backward": False, "checkpoint_depth": 1, "offloading": False}
+            settings |= {"bucket_mode": False, "bypass_mode": False}
+            inputs = {"model": model, "latents": latents, "positive": positive, **settings}
+            node.execute(**{name: [value] for name, value in inputs.items()})
 
     else:
         glue = sys.modules["comfyui_tlora.nodes.train"]
-        config_cls = sys.modules["comfyui_tlora.tlora.train"].TrainConfig
+        options_cls = sys.modules["comfyui_tlora.tlora.options"].TrainingOptions
         method, ranks = {"lora-r8": ("lora", (1, 8)), "tlora-2-6": ("tlora", (2, 6)), "soda": ("soda", (1, 1))}[trainer]
-        spec = glue.AdapterSpec(method=method, transform_rank=ranks[0], residual_rank=ranks[1])
 
         def train(n):
-            config = config_cls(steps=n, batch_size=args.batch)
-            glue.train(model, latents, positive, spec, config, glue.RunOptions(training_dtype=dtype))
+            options = options_cls(
+                method=method,
+                transform_rank=ranks[0],
+                residual_rank=ranks[1],
+                steps=n,
+                batch_size=args.batch,
+                training_dtype=dtype,
+            )
+            glue.train(model, latents, options, positive=positive)
 
     cuda = device == "cuda"
     synchronize = torch.cuda.synchronize if cuda else lambda: None
@@ -120,8 +147,8 @@ def main() -> int:
     checkpoint = tmp / "tiny_sd15.safetensors"
     if not checkpoint.exists():
         sys.path.insert(0, str(REPO))
-        from tests.host import comfyhost
-        from tests.host.checkpoint import write_tiny_sd15
+        from tools import comfyui_host as comfyhost
+        from tools.tiny_checkpoints import write_tiny_sd15
 
         comfyhost.import_host(comfy_path)
         write_tiny_sd15(checkpoint.with_suffix(".partial"), comfy_path).rename(checkpoint)

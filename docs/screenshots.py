@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from host import comfyhost  # noqa: E402
 from host.browser import Browser, find_chromium  # noqa: E402
 from host.ui import ComfyPage, tiny_train_widgets, write_training_images  # noqa: E402
+
+from tools import comfyui_host as comfyhost  # noqa: E402
 
 IMG = REPO / "docs" / "img"
 THUMBNAILS = REPO / "example_workflows"
@@ -66,8 +67,9 @@ def main() -> int:
         print(why or why_not, file=sys.stderr)
         return 2
     comfyhost.import_host(comfy_path)
-    from host.checkpoint import write_tiny_sd15
     from host.server import ComfyServer
+
+    from tools.tiny_checkpoints import write_tiny_sd15
 
     with tempfile.TemporaryDirectory(prefix="tlora-screenshots-") as tmp:
         checkpoint = write_tiny_sd15(Path(tmp) / "models" / "checkpoints" / "tiny_sd15.safetensors", comfy_path)

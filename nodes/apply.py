@@ -15,42 +15,18 @@ from pathlib import Path
 
 import comfy.lora
 import comfy.sd
-import folder_paths
 from comfy_api.latest import io, ui
 
+from ..tlora.adapters import SODA
 from ..tlora.fingerprint import fingerprint
-from ..tlora.format import (
-    SODA_MARK,
-    AdapterFile,
-    AdapterFileError,
-    build_adapter,
-    describe,
-    load_adapter_file,
-)
+from ..tlora.format import AdapterFile, build_adapter, describe, load_adapter_file
+from .folders import LOADER_CATEGORY, adapter_file_problem, adapter_files, resolve_adapter_path
 
 log = logging.getLogger("comfyui-tlora")
-LORA_FOLDER = "loras"
-CATEGORY = "loaders/tlora"
 ON_FINGERPRINT_MISMATCH = ["refuse", "warn"]
 FINGERPRINT_ADVICE = (
     "Load the checkpoint it was trained on, or set on_fingerprint_mismatch to 'warn' to apply it anyway."
 )
-
-
-def adapter_files() -> list[str]:
-    return folder_paths.get_filename_list(LORA_FOLDER)
-
-
-def resolve_adapter_path(name: str) -> Path:
-    """The full path of an adapter file chosen by name, or a clear error (V3 combos are not
-    validated by ComfyUI itself)."""
-    if name not in adapter_files():
-        folders = ", ".join(folder_paths.get_folder_paths(LORA_FOLDER))
-        raise ValueError(
-            f"adapter file {name!r} is not in ComfyUI's loras folders ({folders}); "
-            "put it there or pick one from the list"
-        )
-    return Path(folder_paths.get_full_path_or_raise(LORA_FOLDER, name))
 
 
 def architecture_of(model) -> str:
@@ -139,7 +115,7 @@ def check_fit(file: AdapterFile, model, clip) -> FitReport:
         except ValueError as err:
             report.misfit[module] = str(err)
             continue
-        recorded = int(group[SODA_MARK]) if SODA_MARK in group else 0
+        recorded = int(group[SODA.file_mark]) if SODA.file_mark in group else 0
         if recorded:  # 0: not recorded, nothing to compare
             report.soda_checked += 1
             if fingerprint(original_weight(owner[target], target, weights[target])) != recorded:
@@ -179,7 +155,7 @@ class ApplyTLoRA(io.ComfyNode):
         return io.Schema(
             node_id="TLoRAApply",
             display_name="Apply TLoRA",
-            category=CATEGORY,
+            category=LOADER_CATEGORY,
             description="Apply a TLoRA, SODA or LoRA adapter file to a model (and its text encoder). "
             "Strength scales the weight change linearly; negative values invert it.",
             inputs=[
@@ -201,18 +177,19 @@ class ApplyTLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, adapter_name) -> bool | str:
+        return adapter_file_problem(adapter_name) or True
+
+    @classmethod
     def execute(
         cls, model, adapter_name, strength_model, strength_clip, clip=None, on_fingerprint_mismatch="refuse"
     ) -> io.NodeOutput:
         path = resolve_adapter_path(adapter_name)
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip)
-        try:
-            new_model, new_clip = apply_adapter_file(
-                model, clip, path, strength_model, strength_clip, on_fingerprint_mismatch
-            )
-        except AdapterFileError as err:
-            raise ValueError(str(err)) from None
+        new_model, new_clip = apply_adapter_file(
+            model, clip, path, strength_model, strength_clip, on_fingerprint_mismatch
+        )
         return io.NodeOutput(new_model, new_clip)
 
 
@@ -226,7 +203,7 @@ class TLoRAInfo(io.ComfyNode):
         return io.Schema(
             node_id="TLoRAInfo",
             display_name="TLoRA Info",
-            category=CATEGORY,
+            category=LOADER_CATEGORY,
             description="Show what an adapter file is: method, parameters, target layers, base model, steps.",
             inputs=[io.Combo.Input("adapter_name", options=adapter_files())],
             outputs=[io.String.Output(display_name="info")],
@@ -234,11 +211,12 @@ class TLoRAInfo(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, adapter_name) -> bool | str:
+        return adapter_file_problem(adapter_name) or True
+
+    @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
-        try:
-            info = describe(load_adapter_file(resolve_adapter_path(adapter_name)))
-        except AdapterFileError as err:
-            raise ValueError(str(err)) from None
+        info = describe(load_adapter_file(resolve_adapter_path(adapter_name)))
         text = describe_text(info)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 

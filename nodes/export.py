@@ -7,35 +7,12 @@ while a patched clone is loaded, as Apply TLoRA reads them); the work is the cor
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import folder_paths
 from comfy_api.latest import io, ui
 
 from ..tlora.export import MODES, export_adapter
-from ..tlora.format import AdapterFileError, load_adapter_file
-from .apply import (
-    CATEGORY,
-    LORA_FOLDER,
-    adapter_files,
-    architecture_of,
-    check_fit,
-    original_weight,
-    resolve_adapter_path,
-)
-
-
-def output_path(name: str) -> Path:
-    """``name`` (``.safetensors`` added if missing) in the first loras folder; no absolute paths or ``..``."""
-    name = name.strip()
-    if not name:
-        raise ValueError("output_name is empty: give the exported file a name")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    relative = Path(name)
-    if relative.is_absolute() or ".." in relative.parts:
-        raise ValueError(f"output_name {name!r} must be a name inside the loras folder (no absolute path, no '..')")
-    return Path(folder_paths.get_folder_paths(LORA_FOLDER)[0]) / relative
+from ..tlora.format import load_adapter_file
+from .apply import architecture_of, check_fit, original_weight
+from .folders import LOADER_CATEGORY, adapter_file_problem, adapter_files, output_path, resolve_adapter_path
 
 
 def model_base_weights(model, file) -> dict:
@@ -60,10 +37,7 @@ def export_for_model(model, adapter_name: str, rank: int, mode: str, output_name
         raise ValueError(f"{target} exists: choose another output_name or set overwrite")
     if target.resolve() == path.resolve():
         raise ValueError("output_name is the adapter file itself: choose another name")
-    try:
-        file = load_adapter_file(path)
-    except AdapterFileError as err:
-        raise ValueError(str(err)) from None
+    file = load_adapter_file(path)
     weights = model_base_weights(model, file)
     skipped = [m for m in file.modules if m.startswith("text_encoders.")]
     return export_adapter(file, weights, target, int(rank), mode, overwrite=overwrite, allow_missing=skipped)
@@ -75,7 +49,7 @@ class ExportLoRA(io.ComfyNode):
         return io.Schema(
             node_id="TLoRAExportLoRA",
             display_name="Export TLoRA to LoRA",
-            category=CATEGORY,
+            category=LOADER_CATEGORY,
             description="Export a TLoRA, SODA or LoRA adapter file to a plain LoRA at a chosen rank (or to full "
             "weight diffs, 'bake'), using this model's weights; any LoRA loader reads the result.",
             inputs=[
@@ -100,6 +74,10 @@ class ExportLoRA(io.ComfyNode):
             outputs=[io.String.Output(display_name="path"), io.String.Output(display_name="report")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name) -> bool | str:
+        return adapter_file_problem(adapter_name) or True
 
     @classmethod
     def execute(cls, model, adapter_name, rank, mode, output_name, overwrite) -> io.NodeOutput:

@@ -14,7 +14,7 @@ import folder_paths
 from aiohttp import web
 
 from ..tlora.format import AdapterFileError, describe, load_adapter_file
-from .apply import LORA_FOLDER, adapter_files
+from .folders import LORA_FOLDER, adapter_files
 
 log = logging.getLogger("comfyui-tlora")
 INFO_ROUTE = "/tlora/info"

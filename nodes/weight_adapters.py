@@ -1,9 +1,13 @@
 """TLoRA and SODA as ComfyUI weight adapters, so ComfyUI's own LoRA loading and patching
-(Load LoRA, LoRA stacks, hooks, lowvram patches) handles this pack's files.
+(Load LoRA, the bypass loaders, LoRA stacks, hooks, lowvram, offloading and prefetch) handles
+this pack's files.
 
-``load`` finds a module's tensor group in a file; ``calculate_weight`` rebuilds the adapter
-from those tensors (``tlora/``), computes ``W' − W`` in fp32 for the weight it is given and
-adds ``strength · (W' − W)``: linear in strength, negative values allowed.
+``load`` finds a module's tensor group in a file (the keys each adapter class declares in
+``tlora/adapters``) and keeps it as ComfyUI keeps any adapter: ``loaded_keys`` and, in that order,
+a tuple of tensors (``weights``), which the host's offloading and prefetch walk and rebuild as
+``type(adapter)(loaded_keys, weights)``. ``calculate_weight`` rebuilds the core adapter, computes
+``W' − W`` in fp32 and adds ``strength · (W' − W)``; ``bypass_forward`` runs the same adapted layer
+around the frozen one without merging (quantized base weights).
 """
 
 from __future__ import annotations
@@ -14,42 +18,50 @@ import torch
 from comfy import weight_adapter
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..tlora.format import build_adapter, soda_group, tlora_group
+from ..tlora.adapters import SODA, Adapter, ConvArgs, TLoRA
+from ..tlora.format import build_adapter
 
 log = logging.getLogger("comfyui-tlora")
 
 
 class _TensorGroupAdapter(WeightAdapterBase):
-    """One module's adapter tensors (``suffix → tensor``), rebuilt per weight shape and device."""
+    """One module's adapter tensors, rebuilt per weight shape and device."""
 
     name = "tlora"
+    adapter_class: type[Adapter]  # whose file keys a module's group has
+    multiplier = 1.0  # the strength, set by ComfyUI's bypass hook
+    kw_dict: dict = {}  # noqa: RUF012 (ComfyUI's bypass hook sets it per instance)
 
-    def __init__(self, loaded_keys: set[str], weights: dict[str, torch.Tensor]):
-        self.loaded_keys = loaded_keys
-        self.weights = weights
-        self._built: dict[tuple, torch.nn.Module] = {}
+    def __init__(self, loaded_keys: tuple[str, ...], weights: tuple[torch.Tensor, ...]):
+        self.loaded_keys = tuple(loaded_keys)
+        self.weights = tuple(weights)
+        mark = next(k for k in self.loaded_keys if k.endswith("." + self.adapter_class.file_mark))
+        module = mark[: -len(self.adapter_class.file_mark) - 1]
+        self.suffixes = tuple(k[len(module) + 1 :] for k in self.loaded_keys)
+        self._built: dict[tuple, Adapter] = {}
 
-    @staticmethod
-    def find_group(lora: dict[str, torch.Tensor], x: str) -> dict[str, torch.Tensor] | None:
-        raise NotImplementedError
+    @property
+    def group(self) -> dict[str, torch.Tensor]:
+        """``suffix → tensor`` of the current ``weights`` (the host may move or replace them)."""
+        return dict(zip(self.suffixes, self.weights, strict=True))
 
     @classmethod
     def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
-        group = cls.find_group(lora, x)
+        group = cls.adapter_class.file_group(lora, x)
         if group is None:
             return None
-        keys = {f"{x}.{suffix}" for suffix in group}
+        keys = tuple(f"{x}.{suffix}" for suffix in group)
         if loaded_keys is not None:
             loaded_keys.update(keys)
-        return cls(keys, group)
+        return cls(keys, tuple(group.values()))
 
-    def adapter_for(self, weight: torch.Tensor):
-        key = (tuple(weight.shape), weight.device)
+    def adapter_for(self, shape: tuple[int, ...], device: torch.device) -> Adapter:
+        key = (tuple(shape), device)
         if key not in self._built:
-            self._built[key] = build_adapter(key[0], self.weights).to(weight.device)
+            self._built[key] = build_adapter(key[0], self.group).to(device)
         return self._built[key]
 
-    def prepare(self, adapter, weight: torch.Tensor) -> None:
+    def prepare(self, adapter: Adapter, weight: torch.Tensor) -> None:
         """Anything an adapter needs from the weight before merging (SODA: its SVD)."""
 
     def calculate_weight(
@@ -67,7 +79,7 @@ class _TensorGroupAdapter(WeightAdapterBase):
             return weight
         try:
             with torch.no_grad():
-                adapter = self.adapter_for(weight)
+                adapter = self.adapter_for(weight.shape, weight.device)
                 self.prepare(adapter, weight)
                 delta = adapter.delta_weight(weight).mul_(strength)  # a fresh buffer: scaled in place
                 weight += function(delta.to(weight.dtype))
@@ -75,12 +87,32 @@ class _TensorGroupAdapter(WeightAdapterBase):
             log.error("%s: %s not patched: %s", self.name, key, err)
         return weight
 
+    def bypass_forward(self, org_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The adapted layer at strength ``multiplier`` around the frozen layer's own forward
+        (``tlora.adapters.Adapter.bypass``); the base weight is read only where the method needs it."""
+        module = org_forward.__self__
+        weight = module.weight
+        conv = ConvArgs(**self.kw_dict) if self.kw_dict else None
+        adapter = self.adapter_for(weight.shape, x.device)  # frozen: gradients reach x only
+        return adapter.bypass(
+            x,
+            lambda u: org_forward(u, *args, **kwargs),
+            lambda: weight.detach().to(x.device, torch.float32),
+            conv,
+            float(self.multiplier),
+        )
+
+    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Only the residual alone is additive (``m·s·x·Δᵀ``); a transform or SODA's rotation
+        acts inside the frozen layer, so ComfyUI's bypass hook calls :meth:`bypass_forward`."""
+        raise NotImplementedError(f"{self.name} adapters act inside the layer: use bypass_forward")
+
 
 class TLoRAWeightAdapter(_TensorGroupAdapter):
     """The TLoRA family (TLoRA, TLoRA*, transform-only, residual-only): ``tlora.*`` keys."""
 
     name = "tlora"
-    find_group = staticmethod(tlora_group)
+    adapter_class = TLoRA
 
 
 class SODAWeightAdapter(_TensorGroupAdapter):
@@ -89,7 +121,7 @@ class SODAWeightAdapter(_TensorGroupAdapter):
     LoRA in a stack) only warns here: Apply TLoRA checks the model's own weights strictly."""
 
     name = "soda"
-    find_group = staticmethod(soda_group)
+    adapter_class = SODA
 
     def prepare(self, adapter, weight: torch.Tensor) -> None:
         adapter.bind(weight, on_mismatch="warn")

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from host.comfyhost import NO_HOST_REASON, find_comfyui
+from tools.comfyui_host import NO_HOST_REASON, find_comfyui
 
 
 def fake_comfyui(root):
@@ -35,9 +35,19 @@ def test_host_from_custom_nodes(tmp_path):
 
 def test_harness_modules_import_no_comfyui():
     code = (
-        "import sys; import host.comfyhost, host.server, host.workflow, host.checkpoint; "
+        "import sys; import tools.comfyui_host, tools.tiny_checkpoints, tests.host.server, tests.host.workflow; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'nodes')]; "
         "assert not bad, bad"
     )
-    tests_dir = Path(__file__).parent
-    subprocess.run([sys.executable, "-c", code], cwd=tests_dir, check=True, timeout=120)
+    repo = Path(__file__).parents[1]
+    subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, timeout=120)
+
+
+def test_host_loader_is_standard_library_only():
+    """tools/comfyui_host.py is what the CLI imports before any host: nothing beyond the standard library."""
+    code = (
+        "import sys; before = set(sys.modules); import tools.comfyui_host; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before} - {'tools'}; "
+        "bad = sorted(m for m in new if m not in sys.stdlib_module_names); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], check=True, timeout=120)

@@ -137,3 +137,29 @@ def test_invalid_configs():
         preset("dora")
     with pytest.raises(ValueError, match="needs a transform"):
         preset("residual", residual_rank=0)
+
+
+@pytest.mark.parametrize("method", ["tlora", "tlora_star", "transform", "residual", "lora", "soda", "svdiff"])
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_bypass_equals_the_merged_layer(method, strength):
+    """The bypass form (no merge, the frozen layer's own forward) gives the merged layer's output."""
+    from tlora import METHODS, PRESETS, soda_preset
+
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(48, 40)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(40, 48, generator=gen) / 7)
+    cls = METHODS[method]
+    adapter = cls((40, 48), soda_preset(method) if method in ("soda", "svdiff") else PRESETS[method])
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        if method == "soda":
+            adapter.rotation[0].copy_(torch.linalg.qr(torch.randn(adapter.rotation[0].shape, generator=gen))[0])
+    x = torch.randn(5, 7, 48, generator=gen)
+    with torch.no_grad():
+        merged = layer.weight + strength * adapter.delta_weight(layer.weight)
+        expected = torch.nn.functional.linear(x, merged, layer.bias)
+        got = adapter.bypass(x, layer, lambda: layer.weight, None, strength)
+        assert not torch.allclose(expected, layer(x), atol=1e-3)  # the adapter does something
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

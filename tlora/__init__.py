@@ -1,11 +1,13 @@
 """comfyui-tlora's core: TLoRA / SODA / LoRA adapters in pure PyTorch (no ComfyUI import)."""
 
 from .adapters import (
+    METHODS,
     PRESETS,
     SODA,
     SODA_PRESETS,
     Adapter,
     ConvArgs,
+    LoRA,
     SODAConfig,
     TLoRA,
     TLoRAConfig,
@@ -18,11 +20,13 @@ from .fingerprint import fingerprint
 from .stiefel import StiefelAdam, soda_optimizers
 
 __all__ = [
+    "METHODS",
     "PRESETS",
     "SODA",
     "SODA_PRESETS",
     "Adapter",
     "ConvArgs",
+    "LoRA",
     "SODAConfig",
     "StiefelAdam",
     "TLoRA",

@@ -6,8 +6,10 @@
     python -m tlora export FILE --checkpoint CKPT --rank R --output OUT [--bake]
                                                    a plain LoRA (or weight diffs) from any adapter file
 
-``train`` loads ComfyUI from ``--comfyui`` (or ``$COMFYUI_PATH``) and this pack the way
-ComfyUI does, then runs the Train TLoRA node's own trainer; the core never imports ComfyUI.
+Every command's arguments are defined here (``train``'s training options come from
+:mod:`tlora.options`), so ``--help`` needs no ComfyUI. ``train`` then boots ComfyUI from
+``--comfyui`` (or ``$COMFYUI_PATH``) through the pack's host loader (tools/comfyui_host.py)
+and runs the Train TLoRA node's own trainer (nodes/headless.py); the core never imports ComfyUI.
 """
 
 from __future__ import annotations
@@ -21,25 +23,39 @@ import runpy
 import sys
 from pathlib import Path
 
+from . import options
+
 REPO = Path(__file__).resolve().parents[1]
-PACK = "comfyui_tlora"
 
 
-def load_host(comfy_path: Path):
-    """Import ComfyUI from ``comfy_path`` (CPU unless CUDA is there) and this pack as a package."""
-    if not (comfy_path / "main.py").is_file() or not (comfy_path / "comfy").is_dir():
-        raise SystemExit(f"{comfy_path} is not a ComfyUI folder (no main.py and comfy/): pass --comfyui PATH")
-    sys.path.insert(0, str(comfy_path))  # before this repo: ComfyUI's nodes.py, not the pack's nodes/
-    import comfy.cli_args
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    if w % 8 or h % 8 or w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text!r}")
+    return w, h
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_PATH"), help="ComfyUI folder")
+    data.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint ComfyUI loads (SD1.5, SDXL, …)")
+    data.add_argument("--images", required=True, type=Path, help="folder of images with a caption .txt beside each")
+    data.add_argument("--size", type=parse_size, help="center-crop and resize every image to WxH")
+    data.add_argument("--caption", help="caption for images without a .txt file")
+    options.add_arguments(parser)
+
+
+def boot_host(comfy_path: Path):
+    """The pack as ComfyUI imports it, with ComfyUI booted from ``comfy_path`` (CPU unless CUDA is there)."""
     import torch
 
-    comfy.cli_args.args.cpu = not torch.cuda.is_available()
-    importlib.import_module("nodes")
-    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = pack
-    spec.loader.exec_module(pack)
-    return importlib.import_module(f"{PACK}.nodes.headless")
+    spec = importlib.util.spec_from_file_location("comfyui_tlora_host", REPO / "tools" / "comfyui_host.py")
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+    return host.boot(comfy_path, cpu=not torch.cuda.is_available())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,35 +71,41 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--output", type=Path, required=True, help="the .safetensors file to write")
     export.add_argument("--bake", action="store_true", help="write full weight diffs (<module>.diff) instead")
     export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    train = commands.add_parser("train", help="train an adapter on an image folder, headless")
-    train.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_PATH"), help="ComfyUI folder")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        args, _ = train.parse_known_args(argv[1:])
-        if args.comfyui is None:
-            train.error("needs a ComfyUI: --comfyui PATH or COMFYUI_PATH")
-        headless = load_host(Path(args.comfyui))
-        headless.add_arguments(train)
-        args = parser.parse_args(argv)
-        try:
-            return headless.run(args)
-        except (ValueError, FileExistsError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    args = parser.parse_args(argv)
+    train = commands.add_parser("train", help="train an adapter on an image folder, headless through ComfyUI")
+    add_train_arguments(train)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "budgets":
         runpy.run_path(str(REPO / "bench" / "budgets.py"), run_name="__main__")
         return 0
-    from .format import AdapterFileError, describe, load_adapter_file
-
     if args.command == "export":
         return run_export(args)
+    if args.command == "train":
+        return run_train(train, args)
+    from .format import AdapterFileError, describe, load_adapter_file
+
     try:
         print(json.dumps(describe(load_adapter_file(args.file)), indent=2))
     except AdapterFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``python -m tlora train``: options checked before ComfyUI boots, then the node's trainer."""
+    if args.comfyui is None:
+        parser.error("needs a ComfyUI: --comfyui PATH or COMFYUI_PATH")
+    try:
+        training = options.from_arguments(args)
+    except ValueError as err:
+        parser.error(str(err))
+    pack = boot_host(Path(args.comfyui))
+    headless = importlib.import_module(f"{pack.__name__}.nodes.headless")
+    try:
+        return headless.run(args, training)
+    except (ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def run_export(args) -> int:

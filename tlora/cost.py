@@ -22,8 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-PATHS = ("merged", "transform", "contract")
-
 # MAC-equivalents per element moved by a copy or elementwise op, and per launched kernel.
 MEMORY_COST = 50.0
 KERNEL_COST = 2.0e5

@@ -1,13 +1,15 @@
-"""A training folder: images with a caption ``.txt`` beside each (``cat.png`` + ``cat.txt``).
-
-Only file names and text here (no image decoding), so the rules are testable anywhere; the
-host glue (nodes/headless.py) reads the pixels.
-"""
+"""A training folder: images with a caption ``.txt`` beside each (``cat.png`` + ``cat.txt``),
+read into a pixel batch and one caption line per image (Load Training Images and the command
+line both use :func:`load_images`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -51,3 +53,25 @@ def check_same_size(sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
             "or give a target size (--size WxH) to center-crop and resize them"
         )
     return distinct[0]
+
+
+def load_images(folder: str | Path, size: tuple[int, int] | None, default_caption: str | None):
+    """``(pixels [B, H, W, 3] in 0..1, captions)``; all images one size, or center-cropped and
+    resized to ``size``. Each caption is one line (its whitespace runs become single spaces)."""
+    pairs = image_caption_pairs(folder, default_caption)
+    images = [ImageOps.exif_transpose(Image.open(p.image)).convert("RGB") for p in pairs]
+    if size is None:
+        check_same_size({p.image.name: im.size for p, im in zip(pairs, images, strict=True)})
+    else:
+        images = [ImageOps.fit(im, size, Image.Resampling.LANCZOS) for im in images]
+    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images]))
+    return pixels, [" ".join(p.caption.split()) for p in pairs]
+
+
+def per_image(items: list, count: int, what: str) -> list:
+    """``items`` as one per image: a single item is shared by all ``count`` images."""
+    if len(items) == 1:
+        return items * count
+    if len(items) != count:
+        raise ValueError(f"{len(items)} {what} for {count} images: give one for all images, or one per image")
+    return list(items)

@@ -30,105 +30,37 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .adapters.base import Adapter
-from .adapters.soda import SODA, soda_preset
-from .adapters.tlora import TLoRA
+from .adapters import ADAPTER_CLASSES, Adapter, LoRA
 
 FORMAT_VERSION = "1"
 CHECKSUM_KEY = "tlora.checksum"
-TLORA_MARK = "tlora.scale"
-SODA_MARK = "soda.base_fingerprint"
-LORA_MARK = "lora_up.weight"
 
 
 class AdapterFileError(ValueError):
     """A file that cannot be used as an adapter file; the message says why and what to do."""
 
 
-def adapter_tensors(adapter: Adapter) -> dict[str, Tensor]:
-    """``suffix → tensor`` for one adapted module (what :func:`build_adapter` reads back)."""
-    if isinstance(adapter, TLoRA):
-        if adapter.method == "lora":
-            up, down = adapter.lora_up.detach(), adapter.lora_down.detach()
-            alpha = torch.tensor(adapter.scale * up.shape[1], dtype=torch.float32)
-            return {"lora_up.weight": up.clone(), "lora_down.weight": down.clone(), "alpha": alpha}
-        tensors = {f"tlora.{k}": v.detach().clone() for k, v in adapter.state_dict().items()}
-        tensors[TLORA_MARK] = torch.tensor(adapter.scale, dtype=torch.float32)
-        return tensors
-    if isinstance(adapter, SODA):
-        return {f"soda.{k}": v.detach().clone() for k, v in adapter.state_dict().items()}
-    raise TypeError(f"no file format for {type(adapter).__name__}")
+def adapter_class(group: Mapping[str, Tensor]) -> type[Adapter] | None:
+    """The class whose marker key is in a module's ``suffix → tensor`` group, or None."""
+    return next((cls for cls in ADAPTER_CLASSES if cls.file_mark in group), None)
 
 
-def build_adapter(weight_shape: tuple[int, ...], tensors: Mapping[str, Tensor]) -> Adapter:
+def build_adapter(weight_shape: tuple[int, ...], group: Mapping[str, Tensor]) -> Adapter:
     """Rebuild one module's adapter from its ``suffix → tensor`` group, frozen: it is for
     merging (and matmuls over tensors that require grad take a slower, copying path in
     PyTorch even under ``no_grad``: 3× slower merges on CPU)."""
-    return _rebuild(weight_shape, tensors).requires_grad_(False)
-
-
-def _rebuild(weight_shape: tuple[int, ...], tensors: Mapping[str, Tensor]) -> Adapter:
-    if TLORA_MARK in tensors:
-        inner = {k[len("tlora.") :]: v for k, v in tensors.items() if k.startswith("tlora.") and k != TLORA_MARK}
-        return TLoRA.from_tensors(weight_shape, inner, float(tensors[TLORA_MARK]))
-    if LORA_MARK in tensors:
-        # a conv LoRA may be stored conv-shaped (up [out, r, 1, 1], down [r, in, kh, kw]), as ComfyUI reads it
-        up, down = tensors["lora_up.weight"].flatten(1), tensors["lora_down.weight"].flatten(1)
-        alpha = float(tensors["alpha"]) if "alpha" in tensors else up.shape[1]
-        return TLoRA.from_tensors(weight_shape, {"lora_up": up, "lora_down": down}, alpha / up.shape[1])
-    if SODA_MARK in tensors:
-        inner = {k[len("soda.") :]: v for k, v in tensors.items() if k.startswith("soda.")}
-        rotation = "stiefel" if "rotation.0" in inner else "cayley" if "cayley.0" in inner else "none"
-        adapter = SODA(weight_shape, soda_preset("svdiff" if rotation == "none" else "soda", rotation=rotation))
-        try:
-            adapter.load_state_dict(inner)
-        except RuntimeError as err:
-            raise ValueError(f"SODA tensors do not fit a layer weight of shape {tuple(weight_shape)}: {err}") from None
-        return adapter
-    raise ValueError(f"no adapter tensors among {sorted(tensors)[:6]}")
-
-
-MARKS = (TLORA_MARK, LORA_MARK, SODA_MARK)  # one per module group, naming its family
-TLORA_INDEXED = ("transform", "residual_out", "residual_in")
-TLORA_FIXED = ("lora_up", "lora_down")
-
-
-SODA_INDEXED = ("rotation", "cayley")
-SODA_FIXED = ("delta",)
-
-
-def _probe(tensors, module, mark, namespace, fixed, indexed) -> dict[str, Tensor] | None:
-    """``module``'s ``suffix → tensor`` group of one family, found by probing the family's
-    known suffixes: constant time in the file's size, as a loader calling it per model key needs."""
-    if f"{module}.{mark}" not in tensors:
-        return None
-    group = {mark: tensors[f"{module}.{mark}"]}
-    for name in fixed:
-        if f"{module}.{namespace}.{name}" in tensors:
-            group[f"{namespace}.{name}"] = tensors[f"{module}.{namespace}.{name}"]
-    for name in indexed:
-        d = 0
-        while f"{module}.{namespace}.{name}.{d}" in tensors:
-            group[f"{namespace}.{name}.{d}"] = tensors[f"{module}.{namespace}.{name}.{d}"]
-            d += 1
-    return group
-
-
-def tlora_group(tensors: Mapping[str, Tensor], module: str) -> dict[str, Tensor] | None:
-    """The TLoRA-family group of ``module`` in a file's tensors, or None."""
-    return _probe(tensors, module, TLORA_MARK, "tlora", TLORA_FIXED, TLORA_INDEXED)
-
-
-def soda_group(tensors: Mapping[str, Tensor], module: str) -> dict[str, Tensor] | None:
-    """The SODA group of ``module`` in a file's tensors, or None."""
-    return _probe(tensors, module, SODA_MARK, "soda", SODA_FIXED, SODA_INDEXED)
+    cls = adapter_class(group)
+    if cls is None:
+        raise ValueError(f"no adapter tensors among {sorted(group)[:6]}")
+    return cls.from_file_tensors(weight_shape, group).requires_grad_(False)
 
 
 def group_by_module(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """Split a file's keys into ``module → {suffix → tensor}``, using each group's marker key.
     Keys that belong to no marked group are returned under the module ``""``."""
+    marks = [cls.file_mark for cls in ADAPTER_CLASSES]
     groups: dict[str, dict[str, Tensor]] = {
-        key[: -len(mark) - 1]: {} for key in tensors for mark in MARKS if key.endswith("." + mark)
+        key[: -len(mark) - 1]: {} for key in tensors for mark in marks if key.endswith("." + mark)
     }
     stray: dict[str, Tensor] = {}
     for key, value in tensors.items():
@@ -146,7 +78,7 @@ def group_by_module(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor
 
 def module_tensors(adapters: Mapping[str, Adapter]) -> dict[str, Tensor]:
     """``module → adapter`` as a file's (or ComfyUI's LORA_MODEL's) ``<module>.<suffix>`` tensors."""
-    return {f"{module}.{suffix}": t for module, a in adapters.items() for suffix, t in adapter_tensors(a).items()}
+    return {f"{module}.{suffix}": t for module, a in adapters.items() for suffix, t in a.file_tensors().items()}
 
 
 def save_adapters(
@@ -219,7 +151,7 @@ def describe(file: AdapterFile) -> dict:
     """What a person wants to know about an adapter file before applying it."""
     meta = file.metadata
     targets = meta.get("tlora.targets")
-    plain_lora = all(LORA_MARK in group for group in file.modules.values())
+    plain_lora = all(adapter_class(group) is LoRA for group in file.modules.values())
     return {
         "file": file.path.name,
         "method": meta.get("tlora.method", "lora" if plain_lora else "unknown"),

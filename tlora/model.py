@@ -1,4 +1,7 @@
-"""Model surgery: pick the layers of a torch model to adapt, and run them through adapters.
+"""Model surgery: pick the layers of a torch model to adapt, run them through adapters, and
+the other temporary patches training needs (gradient checkpointing, norms on copies). Every
+patch swaps module forwards inside one context manager, :func:`swapped_forwards`, which
+restores them on exit.
 
 Layer names follow the model's own ``named_modules()``; the groups below match both
 ComfyUI's (LDM) and diffusers' names for Stable Diffusion UNets and CLIP text encoders.
@@ -8,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .adapters.base import Adapter, ConvArgs, base_forward
-from .adapters.soda import SODA, SODA_PRESETS, soda_preset
-from .adapters.tlora import PRESETS, TLoRA, preset
+from .adapters import METHODS, Adapter
+from .adapters.base import ConvArgs, base_forward
 
 # Name suffixes of each target group.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -26,7 +30,6 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
 }
 TEXT_ENCODER_GROUPS = ("text_attention",)  # groups that live in the text encoder, not the UNet
 DEFAULT_TARGETS = ("attention",)
-METHODS = (*PRESETS, *SODA_PRESETS)
 
 
 def _matches(name: str, suffixes: Iterable[str], patterns: Iterable[str]) -> bool:
@@ -64,11 +67,38 @@ def adapted_forward(module: nn.Module, adapter: Adapter) -> Callable[[Tensor], T
     def forward(x: Tensor) -> Tensor:
         weight = module.weight.to(x.device)
         bias = None if module.bias is None else module.bias.to(x.device)
-        if getattr(adapter, "bypassed", False):
+        if adapter.bypassed:
             return base_forward(x, weight, bias, conv)
         return adapter(x, weight, bias, conv)
 
     return forward
+
+
+class swapped_forwards:  # a context manager, named like torch.no_grad
+    """Each module runs the given ``forward`` inside the block; its own is back on exit (an
+    instance attribute shadows the class's method; removing it restores the method). Entered
+    without an exit, the swap stays for good (a model that keeps its adapters)."""
+
+    def __init__(self, forwards: Mapping[nn.Module, Callable]):
+        self.forwards = dict(forwards)
+
+    def __enter__(self) -> swapped_forwards:
+        for module, forward in self.forwards.items():
+            module.forward = forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self.forwards:
+            module.__dict__.pop("forward", None)
+
+
+def attached(modules: Mapping[str, nn.Module], adapters: Mapping[str, Adapter]) -> swapped_forwards:
+    """Route each named module's forward through its adapter inside the block. The base
+    weights stay untouched (and frozen: only adapters get gradients)."""
+    missing = sorted(set(adapters) - set(modules))
+    if missing:
+        raise KeyError(f"no module for adapter(s) {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    return swapped_forwards({modules[name]: adapted_forward(modules[name], a) for name, a in adapters.items()})
 
 
 @contextlib.contextmanager
@@ -84,49 +114,48 @@ def bypassed(adapters: Iterable[Adapter]) -> Iterator[None]:
             a.bypassed = False
 
 
-def attach(modules: dict[str, nn.Module], adapters: dict[str, Adapter]) -> Callable[[], None]:
-    """Route each named module's forward through its adapter; returns a function that undoes
-    it. The base weights stay untouched (and frozen: only adapters get gradients)."""
-    missing = sorted(set(adapters) - set(modules))
-    if missing:
-        raise KeyError(f"no module for adapter(s) {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    for name, adapter in adapters.items():
-        modules[name].forward = adapted_forward(modules[name], adapter)
-
-    def detach() -> None:
-        for name in adapters:
-            modules[name].__dict__.pop("forward", None)
-
-    return detach
+def checkpointed_blocks(model: nn.Module) -> swapped_forwards:
+    """Gradient checkpointing inside the block: each child of ``model`` (each member of a
+    child ModuleList) recomputes its activations in backward instead of storing them."""
+    blocks = [b for child in model.children() for b in (child if isinstance(child, nn.ModuleList) else [child])]
+    return swapped_forwards(
+        {
+            b: lambda *a, _f=b.forward, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+            for b in blocks
+        }
+    )
 
 
-def make_adapters(
-    modules: dict[str, nn.Module],
-    method: str,
-    *,
-    transform_rank: int = 2,
-    residual_rank: int = 6,
-    regularizer: str = "none",
-    regularizer_weight: float = 0.0,
-    seed: int = 0,
-) -> dict[str, Adapter]:
-    """A fresh adapter of ``method`` (see :data:`METHODS`) for each module, on the module's
-    device; SODA adapters take their SVD of the module's weight here. Layer ``i`` is seeded
-    with ``seed + i``. Ranks that a method does not use are ignored."""
+def norms_on_copies(model: nn.Module) -> swapped_forwards:
+    """Feed every LayerNorm of ``model`` a copy of its input inside the block. ComfyUI's text
+    encoders add their residuals in place (``x += attn(norm(x))``), which overwrites the input
+    the norm saved for backward; on a copy the text encoder trains, at one copy per norm."""
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    return swapped_forwards({n: lambda x, _f=n.forward: _f(x.clone()) for n in norms})
+
+
+def release_inference_tensors(model: nn.Module) -> None:
+    """Replace parameters and buffers created under ``torch.inference_mode`` (hosts load
+    models inside it) by normal copies: autograd cannot save inference tensors for backward,
+    and the frozen weights are needed there (∂L/∂x = ∂L/∂y · W)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_inference():
+                module._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                module._buffers[name] = buffer.clone()
+
+
+def make_adapters(modules: Mapping[str, nn.Module], method: str, *, seed: int = 0, **options) -> dict[str, Adapter]:
+    """A fresh adapter of ``method`` (see :data:`tlora.adapters.METHODS`) for each module, built
+    by the method's class (:meth:`Adapter.create_train`) on the module's device; layer ``i`` is
+    seeded with ``seed + i``. ``options``: ranks and regularizer; those a method does not use
+    are ignored."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    adapters: dict[str, Adapter] = {}
-    for i, (name, module) in enumerate(modules.items()):
-        weight = module.weight
-        if method in SODA_PRESETS:
-            adapter = SODA(tuple(weight.shape), soda_preset(method)).to(weight.device)
-            adapter.bind(weight)
-        else:
-            overrides = {"regularizer": regularizer, "regularizer_weight": regularizer_weight}
-            if PRESETS[method].transform_rank:
-                overrides["transform_rank"] = transform_rank
-            if PRESETS[method].has_residual:
-                overrides["residual_rank"] = residual_rank
-            adapter = TLoRA(tuple(weight.shape), preset(method, **overrides), seed=seed + i).to(weight.device)
-        adapters[name] = adapter
-    return adapters
+    cls = METHODS[method]
+    return {
+        name: cls.create_train(method, module.weight, seed=seed + i, **options)
+        for i, (name, module) in enumerate(modules.items())
+    }

@@ -17,6 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Adam, AdamW, Optimizer
 
+from .adapters.base import Adapter
+
+SODA_ROLES = ("spectral", "stiefel", "cayley")  # SODA's parameter roles (Adapter.parameter_roles)
+
 
 def polar(x: Tensor, max_iter: int = 30) -> Tensor:
     """The orthogonal polar factor ``X(XᵀX)^{-1/2}`` of square ``x`` ``[..., k, k]``.
@@ -131,9 +135,10 @@ def soda_optimizers(
     roles: dict[str, dict[int, nn.Parameter]] = defaultdict(dict)
     for module in modules:
         for sub in module.modules():
-            if hasattr(sub, "parameter_roles"):
+            if isinstance(sub, Adapter):
                 for role, params in sub.parameter_roles().items():
-                    roles[role].update((id(p), p) for p in params if p.requires_grad)
+                    if role in SODA_ROLES:
+                        roles[role].update((id(p), p) for p in params if p.requires_grad)
     make = {
         "spectral": lambda ps: AdamW(ps, lr=lr_delta, betas=betas, weight_decay=weight_decay),
         "stiefel": lambda ps: StiefelAdam(ps, lr=lr_rotation, betas=betas),

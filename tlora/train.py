@@ -10,10 +10,8 @@ step M at once and resuming at N then training to M follow the same path.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -22,53 +20,8 @@ from torch import Tensor, nn
 
 from .adapters.base import Adapter
 from .format import write_safetensors
+from .options import TrainingOptions
 from .stiefel import soda_optimizers
-
-Schedule = Literal["constant", "cosine"]
-Loss = Literal["mse", "dco"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimization settings (the reference values of METHOD.md as defaults)."""
-
-    steps: int = 500
-    learning_rate: float = 1e-4
-    rotation_learning_rate: float = 5e-5
-    weight_decay: float = 1e-4
-    schedule: Schedule = "constant"
-    warmup_steps: int = 0
-    batch_size: int = 1
-    grad_accumulation: int = 1
-    grad_clip: float = 1.0
-    seed: int = 0
-    loss: Loss = "mse"
-    dco_beta: float = 1000.0
-
-    def __post_init__(self):
-        problems = []
-        if self.steps < 1:
-            problems.append(f"steps must be at least 1 (got {self.steps})")
-        if self.learning_rate <= 0 or self.rotation_learning_rate <= 0:
-            problems.append("learning rates must be positive")
-        if self.batch_size < 1 or self.grad_accumulation < 1:
-            problems.append("batch_size and grad_accumulation must be at least 1")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            problems.append("warmup_steps and grad_clip must not be negative")
-        if self.schedule not in ("constant", "cosine") or self.loss not in ("mse", "dco"):
-            problems.append(f"unknown schedule {self.schedule!r} or loss {self.loss!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of the base learning rates at (0-based) ``step``: linear warm-up, then
-        constant or cosine decay to 0 at ``steps``."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return 1.0
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def step_generator(seed: int, step: int, micro: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
@@ -92,14 +45,15 @@ class Trainer:
     spectral shifts, StiefelAdam (or Adam on Cayley generators) on SODA's rotations."""
 
     adapters: Mapping[str, Adapter]
-    config: TrainConfig
+    config: TrainingOptions
     step: int = 0
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self):
         cfg = self.config
-        soda = [a for a in self.adapters.values() if hasattr(a, "parameter_roles")]
-        plain = [p for a in self.adapters.values() if not hasattr(a, "parameter_roles") for p in a.parameters()]
+        roles = {name: a.parameter_roles() for name, a in self.adapters.items()}
+        plain = [p for r in roles.values() for p in r.get("adamw", [])]
+        soda = [self.adapters[name] for name, r in roles.items() if set(r) - {"adamw"}]
         self.optimizers: list[torch.optim.Optimizer] = []
         if plain:
             self.optimizers.append(torch.optim.AdamW(plain, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))

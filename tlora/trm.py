@@ -34,31 +34,32 @@ def transpose(cores: Cores) -> Cores:
     return [c.transpose(0, 1) for c in cores]
 
 
-def identity_cores(factors: tuple[int, ...], rank: int, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Cores:
-    """Cores with ``TRM == I`` exactly and no dead ranks: ``A^d[i, j] = δ_ij · G_d``.
+# The diagonal of G_1 (see identity_cores): sums to 1, and every partial sum of its entries, in
+# any order, is 0 or ±2^k, so a contraction that adds up W·d_r over the ranks is exact.
+def _first_diagonal(rank: int) -> list[float]:
+    if rank == 1:
+        return [1.0]
+    if rank == 2:
+        return [0.5, 0.5]
+    return [1.0, 1.0, -1.0] + [0.0] * (rank - 3)
 
-    The ``R × R`` bond matrices ``G_d = I + N(0, 1/R)`` are random (a fixed ``seed`` makes
-    the init, and so the regularizers' anchor, reproducible) and rescaled so that
-    ``tr(G_1 ⋯ G_D) = 1``, hence ``T[i, i] = 1`` and ``T[i, j] = 0`` off the diagonal.
-    Unlike the reference init (:func:`reference_identity_cores`), the R² slices receive
-    different gradients, so all ranks train (tests/test_trm.py proves both facts).
+
+def identity_cores(factors: tuple[int, ...], rank: int, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Cores:
+    """Cores with ``TRM == I`` bit for bit and no dead ranks: ``A^d[i, j] = δ_ij · G_d``.
+
+    The ``R × R`` bonds ``G_d`` are upper triangular: random above the diagonal (N(0, 1/R),
+    a fixed ``seed`` makes the init, and so the regularizers' anchor, reproducible), 1 on it,
+    except ``G_1``'s diagonal ``d`` (:func:`_first_diagonal`). Every ring path through an entry
+    below a diagonal meets an exact 0, so ``tr(G_1 ⋯ G_D) = Σ d_r = 1`` and T, ``W·T`` and
+    ``x·Tᵀ`` are exact in any precision and contraction order: step 0 is the base model bit
+    for bit. Unlike the reference init (:func:`reference_identity_cores`), the R² slices
+    differ, so all ranks train (tests/test_trm.py proves both facts).
     """
     gen = torch.Generator().manual_seed(seed)
-    eye = torch.eye(rank, dtype=torch.float64)
-    while True:
-        bonds = [eye + torch.randn(rank, rank, generator=gen, dtype=torch.float64) / math.sqrt(rank) for _ in factors]
-        prod = eye
-        for g in bonds:
-            prod = prod @ g
-        trace = torch.trace(prod).item()
-        if abs(trace) > rank / 4:  # well away from 0, so the rescale stays tame
-            break
-    scale = abs(trace) ** (-1.0 / len(factors))
-    bonds = [g * scale for g in bonds]
-    bonds[0] = bonds[0] * math.copysign(1.0, trace)
-    return [
-        (torch.eye(f, dtype=torch.float64)[:, :, None, None] * g).to(dtype) for f, g in zip(factors, bonds, strict=True)
-    ]
+    upper = torch.ones(rank, rank).triu(1)
+    bonds = [torch.eye(rank) + upper * torch.randn(rank, rank, generator=gen) / math.sqrt(rank) for _ in factors]
+    bonds[0].diagonal().copy_(torch.tensor(_first_diagonal(rank)))
+    return [(torch.eye(f)[:, :, None, None] * g).to(dtype) for f, g in zip(factors, bonds, strict=True)]
 
 
 def reference_identity_cores(factors: tuple[int, ...], rank: int, dtype: torch.dtype = torch.float32) -> Cores:

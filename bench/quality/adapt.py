@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from tlora.adapters.base import Adapter
 from tlora.adapters.soda import SODA, soda_preset
-from tlora.model import attach, make_adapters, select_modules
-from tlora.train import TrainConfig, Trainer, step_generator
+from tlora.model import attached, make_adapters, select_modules
+from tlora.options import TrainingOptions
+from tlora.train import Trainer, step_generator
 
 from .metrics import DigitJudge, EvalSet, denoising_loss
 from .unet import UNet, prediction_errors, random_batch, sample
@@ -114,10 +115,10 @@ def adapt(
     by :class:`tlora.train.Trainer` (AdamW; SODA: StiefelAdam on the rotations, same lr)."""
     model = copy.deepcopy(base).requires_grad_(False)
     modules, adapters = build_adapters(model, spec, seed)
-    attach(modules, adapters)
+    attached(modules, adapters).__enter__()  # the copy keeps its adapters for good
     trainer = Trainer(
         adapters,
-        TrainConfig(
+        TrainingOptions(
             steps=config.steps,
             learning_rate=learning_rate,
             rotation_learning_rate=learning_rate,

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from tlora.export import low_rank
-from tlora.train import TrainConfig, Trainer
+from tlora.options import TrainingOptions
+from tlora.train import Trainer
 
 from .adapt import Spec, build_adapters
 from .metrics import relative_error
@@ -63,7 +64,7 @@ def fit(
     norms = {n: (targets[n] - weights[n]).pow(2).sum() for n in targets}
     trainer = Trainer(
         adapters,
-        TrainConfig(
+        TrainingOptions(
             steps=config.steps,
             learning_rate=config.learning_rate,
             rotation_learning_rate=config.learning_rate,

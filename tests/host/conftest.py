@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from . import comfyhost
+from tools import comfyui_host as comfyhost
 
 HERE = Path(__file__).parent
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
@@ -71,7 +71,7 @@ def comfy(comfy_host, host_tmp) -> SimpleNamespace:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(comfy) -> Path:
-    from .checkpoint import write_tiny_sd15
+    from tools.tiny_checkpoints import write_tiny_sd15
 
     path = comfy.dirs.checkpoints / TINY_CHECKPOINT
     if not path.exists():

@@ -23,7 +23,7 @@ from .workflow import load_workflow, ui_to_api
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "example_workflows" / "apply_tlora.json"
 SUB = "test_apply"  # subfolder of the loras folder holding this module's files
-METHODS = ("tlora", "tlora_star", "transform", "residual", "lora", "soda")
+METHODS = ("tlora", "tlora_star", "transform", "residual", "lora", "soda", "svdiff")
 UNET = "diffusion_model."
 CLIP_LAYER0 = ".encoder.layers.0.self_attn."
 SDXL_ONLY = [  # SDXL UNet modules (depth-2 transformers, level 2) that the tiny SD1.5 UNet lacks
@@ -488,3 +488,86 @@ def test_bad_adapter_name_is_a_node_error_and_the_server_survives(setup, comfy_s
     assert "TLoRAApply" in comfy_server.object_info(refresh=True)
     history = comfy_server.run({"1": {"class_type": "TLoRAInfo", "inputs": {"adapter_name": setup.names["soda"]}}})
     assert "method: soda" in json.dumps(history["outputs"]["1"])
+
+
+# -- 8: ComfyUI's bypass loaders (ComfyUI ≥ 0.11) ---------------------------------------------------------
+# "Load LoRA (Bypass)" and comfy.sd.load_bypass_lora_for_models run the adapters around the frozen layers
+# instead of merging them: the output must be the merged model's, for every method, at any strength.
+
+GEN = torch.Generator().manual_seed(11)
+X, CONTEXT, SIGMA = (
+    torch.randn(2, 4, 8, 8, generator=GEN),
+    torch.randn(2, 77, 768, generator=GEN),
+    torch.tensor([5.0, 9.0]),
+)
+
+
+def bypass_loader():
+    import comfy.sd
+
+    if not hasattr(comfy.sd, "load_bypass_lora_for_models"):
+        pytest.skip("this ComfyUI has no bypass loader (added in 0.11)")
+    return comfy.sd.load_bypass_lora_for_models
+
+
+def bypass_output(patcher) -> torch.Tensor:
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher], force_full_load=True)
+    with torch.inference_mode():
+        return patcher.model.apply_model(X, SIGMA, c_crossattn=CONTEXT).float()
+
+
+def file_tensors(setup, *stems) -> dict:
+    import safetensors.torch
+
+    out = {}
+    for stem in stems:
+        out.update(safetensors.torch.load_file(str(setup.loras / file_name(stem))))
+    return out
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+@pytest.mark.parametrize("method", METHODS)
+def test_bypass_output_equals_the_merged_model(setup, method, strength):
+    import comfy.sd
+
+    load_bypass = bypass_loader()
+    lora = file_tensors(setup, method)
+    merged = bypass_output(comfy.sd.load_lora_for_models(setup.model, None, lora, strength, 0.0)[0])
+    bypassed_model = load_bypass(setup.model, None, lora, strength, 0.0)[0]
+    bypassed = bypass_output(bypassed_model)
+    base = bypass_output(setup.model)
+    assert relative_error(merged, base) > 1e-3, "the adapter must change the output"
+    assert relative_error(bypassed, merged) < 1e-5
+    state = bypassed_model.model.state_dict()
+    assert all(torch.equal(state[k], setup.base[k]) for k in setup.keys), "bypass must not merge weights"
+
+
+@pytest.mark.parametrize("ours", ["tlora", "soda"])
+def test_bypass_stacks_on_merged_adapters_in_order(setup, ours):
+    """A bypassed layer wraps the layer as patched so far, so a stack gives the merged stack in
+    the same order: LoRA merged then ours bypassed is ((W + BA)·T + sΔ), and ours merged then a
+    LoRA bypassed is (W·T + sΔ + BA). (ComfyUI keeps one bypass set per model: a second bypass
+    load replaces the first, for its own LoRAs too.)"""
+    import comfy.sd
+
+    load_bypass = bypass_loader()
+    load = comfy.sd.load_lora_for_models
+    lora, mine = file_tensors(setup, "plain_lora"), file_tensors(setup, ours)
+    for first, second in ((lora, mine), (mine, lora)):
+        merged = bypass_output(load(load(setup.model, None, first, 0.8, 0.0)[0], None, second, 1.0, 0.0)[0])
+        stacked = bypass_output(load_bypass(load(setup.model, None, first, 0.8, 0.0)[0], None, second, 1.0, 0.0)[0])
+        assert relative_error(stacked, merged) < 1e-5
+
+
+def test_bypass_node_applies_a_tlora_file(setup):
+    bypass_loader()
+    nodes = importlib.import_module("comfy_extras.nodes_lora_debug")
+    (model, _) = nodes.LoraLoaderBypass().load_lora(setup.model, setup.clip, file_name("tlora"), 1.0, 0.0)
+    (merged, _) = apply(setup.model, "tlora")
+    assert relative_error(bypass_output(model), bypass_output(merged)) < 1e-5

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tools.comfyui_host import REPO_ROOT
+
 from .browser import Browser, find_chromium
-from .comfyhost import REPO_ROOT
 from .test_routes import write_adapter
 from .ui import PACK_EXTENSIONS, ComfyPage, chart_state, tiny_train_widgets, write_training_images
 

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from .comfyhost import REPO_ROOT
+from tools.comfyui_host import REPO_ROOT
 
 
 def test_headless_training_writes_the_adapter(comfy, tiny_checkpoint, tmp_path):

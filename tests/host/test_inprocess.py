@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from .checkpoint import UNET_PREFIX, init_weights_
+from tools.tiny_checkpoints import UNET_PREFIX, init_weights_
 
 
 def comfy_nodes():
@@ -26,7 +26,7 @@ def test_host_version(comfy):
 def test_pack_imported_once_as_package(comfy):
     import comfy.weight_adapter as wa
 
-    from .comfyhost import PACK_MODULE, REPO_ROOT, load_pack
+    from tools.comfyui_host import PACK_MODULE, REPO_ROOT, load_pack
 
     assert sys.modules[PACK_MODULE] is comfy.pack
     assert comfy.pack.__path__ == [str(REPO_ROOT)]

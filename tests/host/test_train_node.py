@@ -24,23 +24,13 @@ def data(tiny_sd15):
     return latents, positive
 
 
-def run(tiny_sd15, data, name, method="tlora", steps=STEPS, **options):
-    train = pack("nodes.train")
-    config_keys = {"learning_rate", "seed", "batch_size", "schedule", "warmup_steps"}
-    config = pack("tlora.train").TrainConfig(
-        steps=steps, **{"learning_rate": 1e-3, **{k: v for k, v in options.items() if k in config_keys}}
+def run(tiny_sd15, data, name, method="tlora", steps=STEPS, resume_path=None, **options):
+    defaults = {"learning_rate": 1e-3, "residual_rank": 4 if method in ("lora", "tlora_star") else 6}
+    training = pack("tlora.options").TrainingOptions(method=method, steps=steps, **{**defaults, **options})
+    output = pack("nodes.folders").output_path(name) if name else None
+    return pack("nodes.train").train(
+        tiny_sd15.model, data[0], training, positive=data[1], output=output, resume_path=resume_path
     )
-    run_options = {k: v for k, v in options.items() if k not in config_keys}
-    path = train.output_path(name) if name else None
-    result = train.train(
-        tiny_sd15.model,
-        data[0],
-        data[1],
-        train.AdapterSpec(method=method, residual_rank=4 if method in ("lora", "tlora_star") else 6),
-        config,
-        train.RunOptions(output_path=path, **run_options),
-    )
-    return result
 
 
 def patched_weights(model_patcher, keys):
@@ -137,7 +127,7 @@ def test_cancel_stops_within_a_step_and_saves(tiny_sd15, data):
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
-    path = pack("nodes.train").output_path("cancelled")
+    path = pack("nodes.folders").output_path("cancelled")
     meta = pack("tlora.format").load_adapter_file(path).metadata
     assert meta["tlora.steps"] == "2" and meta["tlora.interrupted"] == "true"
 
@@ -148,7 +138,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_save(tiny_sd15, data):
     with pytest.raises(ValueError, match=expected) as err:
         run(tiny_sd15, (latents, data[1]), "nan_run", steps=40, batch_size=1, save_every=1)
     failed_at = int(err.value.args[0].split("at step ")[1].split(";")[0])
-    file = pack("tlora.format").load_adapter_file(pack("nodes.train").output_path("nan_run"))
+    file = pack("tlora.format").load_adapter_file(pack("nodes.folders").output_path("nan_run"))
     assert file.metadata["tlora.steps"] == str(failed_at - 1)
     assert all(torch.isfinite(t).all() for group in file.modules.values() for t in group.values())
 
@@ -176,7 +166,7 @@ def test_bad_inputs_are_named(tiny_sd15, data):
         node.execute(**{**args, "positive": data[1] * 3})
     with pytest.raises(ValueError, match="unknown method"):
         node.execute(**{**args, "method": "dora"})
-    with pytest.raises(ValueError, match="must be a plain relative name"):
+    with pytest.raises(ValueError, match="must be a plain name inside the loras folder"):
         node.execute(**{**args, "output_name": "../escape"})
     made = run(tiny_sd15, data, "exists_already", steps=1)
     with pytest.raises(ValueError, match="already exists"):
@@ -193,7 +183,8 @@ def test_example_workflow_trains_and_samples(comfy_server, tiny_checkpoint):
     import numpy as np
     from PIL import Image
 
-    from .comfyhost import REPO_ROOT
+    from tools.comfyui_host import REPO_ROOT
+
     from .workflow import load_workflow, ui_to_api
 
     folder = comfy_server.input_dir / "my_subject"
@@ -242,3 +233,21 @@ def test_batched_factors_train_like_each_layers_own_path(tiny_sd15, data):
     torch.testing.assert_close(torch.tensor(batched.losses), torch.tensor(per_layer.losses), rtol=1e-4, atol=1e-6)
     for k in per_layer.tensors:
         torch.testing.assert_close(batched.tensors[k], per_layer.tensors[k], rtol=1e-3, atol=1e-5)
+
+
+def test_training_runs_in_comfyuis_training_mode(tiny_sd15, data):
+    """ComfyUI's own trainer sets comfy.model_management.in_training (newer models then avoid
+    inference-only kernels); the pack's does too, and restores it, where the host has the flag."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda *a, **k: seen.append(getattr(mm, "in_training", None)))
+    try:
+        run(tiny_sd15, data, None, steps=2)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    if hasattr(mm, "in_training"):
+        assert seen[1:] == [True, True] and mm.in_training is False
+    else:
+        assert set(seen) == {None}

@@ -19,13 +19,20 @@ def latents():
     return {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
 
 
-def train_text(tiny_sd15, latents, name=None, targets=("attention", "text_attention"), steps=4, **options):
-    train = pack("nodes.train")
-    spec = train.AdapterSpec(method="tlora", targets=targets)
-    config = pack("tlora.train").TrainConfig(steps=steps, learning_rate=3e-3, batch_size=2)
-    path = train.output_path(name) if name else None
-    run_options = train.RunOptions(output_path=path, **options)
-    return train.train(tiny_sd15.model, latents, None, spec, config, run_options, tiny_sd15.clip, CAPTIONS)
+def train_text(tiny_sd15, latents, name=None, targets="attention,text_attention", steps=4, preview_vae=None, **options):
+    training = pack("tlora.options").TrainingOptions(
+        method="tlora", targets=targets, steps=steps, learning_rate=3e-3, batch_size=2, **options
+    )
+    output = pack("nodes.folders").output_path(name) if name else None
+    return pack("nodes.train").train(
+        tiny_sd15.model,
+        latents,
+        training,
+        clip=tiny_sd15.clip,
+        captions=CAPTIONS,
+        output=output,
+        preview_vae=preview_vae,
+    )
 
 
 def clip_weights(clip, keys):
@@ -67,10 +74,11 @@ def test_frozen_text_encoder_with_captions_equals_precomputed_conditioning(tiny_
     train = pack("nodes.train")
     encode = importlib.import_module("nodes").CLIPTextEncode().encode
     positive = [encode(tiny_sd15.clip, c)[0][0] for c in CAPTIONS]
-    spec = train.AdapterSpec(method="lora", residual_rank=4)
-    config = pack("tlora.train").TrainConfig(steps=3, learning_rate=1e-3, batch_size=2)
-    via_text = train.train(tiny_sd15.model, latents, None, spec, config, train.RunOptions(), tiny_sd15.clip, CAPTIONS)
-    via_conds = train.train(tiny_sd15.model, latents, positive, spec, config, train.RunOptions())
+    training = pack("tlora.options").TrainingOptions(
+        method="lora", residual_rank=4, steps=3, learning_rate=1e-3, batch_size=2
+    )
+    via_text = train.train(tiny_sd15.model, latents, training, clip=tiny_sd15.clip, captions=CAPTIONS)
+    via_conds = train.train(tiny_sd15.model, latents, training, positive=positive)
     assert via_text.losses == via_conds.losses
 
 
@@ -81,7 +89,7 @@ def test_a_batch_keeps_each_images_caption(tiny_sd15):
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler
 
-    train = pack("nodes.train")
+    sampling = pack("nodes.sampling")
     encode = importlib.import_module("nodes").CLIPTextEncode().encode
     positive = [encode(tiny_sd15.clip, c)[0][0] for c in CAPTIONS]
     assert [p[0].shape[1] for p in positive] == [77, 154]
@@ -90,7 +98,7 @@ def test_a_batch_keeps_each_images_caption(tiny_sd15):
 
     class Probe(comfy.samplers.Sampler):
         def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, *_):
-            conditioner = train._Conditioner(model_wrap.inner_model, positive, None, seed=0)
+            conditioner = sampling.Conditioner(model_wrap.inner_model, positive, None, seed=0)
             sigma = torch.full((2,), 3.0)
             with torch.no_grad():
                 model_wrap.conds["positive"] = conditioner([0, 1], x)
@@ -123,7 +131,7 @@ def test_previews_come_every_n_steps_through_the_progress_bar(tiny_sd15, latents
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, node_id=None: seen.append(preview))
     try:
         options = {"preview_every": 2, "preview_vae": tiny_sd15.vae if with_vae else None}
-        train_text(tiny_sd15, latents, targets=("attention",), steps=4, **options)
+        train_text(tiny_sd15, latents, targets="attention", steps=4, **options)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     previews = [p for p in seen if p is not None]
@@ -135,15 +143,15 @@ def test_previews_come_every_n_steps_through_the_progress_bar(tiny_sd15, latents
 
 
 def test_text_inputs_are_checked(tiny_sd15, latents):
-    train = pack("nodes.train")
-    config = pack("tlora.train").TrainConfig(steps=1)
-    text_spec = train.AdapterSpec(targets=("attention", "text_attention"))
+    train = pack("nodes.train").train
+    options = pack("tlora.options").TrainingOptions
+    text, plain = options(steps=1, targets="attention,text_attention"), options(steps=1)
     with pytest.raises(ValueError, match="needs the CLIP and the captions as text"):
-        train.train(tiny_sd15.model, latents, None, text_spec, config, train.RunOptions(), None, CAPTIONS)
+        train(tiny_sd15.model, latents, text, captions=CAPTIONS)
     with pytest.raises(ValueError, match="connect positive conditioning, or clip \\+ captions"):
-        train.train(tiny_sd15.model, latents, None, train.AdapterSpec(), config, train.RunOptions(), tiny_sd15.clip)
+        train(tiny_sd15.model, latents, plain, clip=tiny_sd15.clip)
     with pytest.raises(ValueError, match="3 captions for 2 images"):
-        train.train(tiny_sd15.model, latents, None, text_spec, config, train.RunOptions(), tiny_sd15.clip, ["a"] * 3)
+        train(tiny_sd15.model, latents, text, clip=tiny_sd15.clip, captions=["a"] * 3)
 
 
 def test_load_training_images_node(comfy, tmp_path):

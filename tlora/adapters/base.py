@@ -12,7 +12,8 @@ matmul runs in the input's dtype.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +51,20 @@ class Adapter(nn.Module):
     """Adapts one layer weight of shape ``weight_shape``.
 
     Subclasses implement :meth:`merged_weight` (the exact ``W'``) and may override
-    :meth:`forward` with something cheaper than merging. Parameter names (``state_dict``
-    keys) are stable: the file format is built on them.
+    :meth:`forward` with something cheaper than merging. Each class also owns its part of the
+    file format (docs/format.md): the keys of one module's group, written by
+    :meth:`file_tensors` and read back by :meth:`from_file_tensors`, and it builds its own
+    training instance (:meth:`create_train`).
     """
 
     method: str = "base"
+    # -- file keys: ``<module>.<file_prefix><name>``; ``file_mark`` is present once per module
+    file_prefix: ClassVar[str] = ""
+    file_mark: ClassVar[str] = ""
+    file_fixed: ClassVar[tuple[str, ...]] = ()  # other single keys, after the prefix
+    file_indexed: ClassVar[tuple[str, ...]] = ()  # keys ``<name>.0``, ``<name>.1``, … after the prefix
+    # -- training hooks
+    bypassed: bool = False  # when set, the attached layer runs as the frozen base (DCO's reference pass)
 
     def __init__(self, weight_shape: tuple[int, ...]):
         super().__init__()
@@ -63,6 +73,12 @@ class Adapter(nn.Module):
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.out_features = self.weight_shape[0]
         self.in_features = math.prod(self.weight_shape[1:])
+
+    @classmethod
+    def create_train(cls, method: str, weight: Tensor, *, seed: int = 0, **options) -> Adapter:
+        """A fresh adapter of the named ``method`` for the layer weight ``weight``, on its device.
+        ``options``: the training options the method reads (ranks, regularizer); others are ignored."""
+        raise NotImplementedError
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         """``W'`` in fp32, same shape as ``weight``."""
@@ -75,6 +91,60 @@ class Adapter(nn.Module):
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, conv: ConvArgs | None = None) -> Tensor:
         """The adapted layer's output for input ``x`` (training path). Default: merge."""
         return base_forward(x, self.merged_weight(weight), bias, conv)
+
+    def bypass(
+        self,
+        x: Tensor,
+        base: Callable[[Tensor], Tensor],
+        weight: Callable[[], Tensor],
+        conv: ConvArgs | None = None,
+        strength: float = 1.0,
+    ) -> Tensor:
+        """The layer at ``W + m·(W' − W)`` without merging (``m``: ``strength``), through the
+        frozen layer's own forward ``base`` (any dtype, quantized too). Default: through the
+        weight change, ``base(x) + m·(W' − W)·x``, which reads the base weight (``weight()``);
+        subclasses with an activation form override it for Linear layers."""
+        delta = self.delta_weight(weight()).mul_(strength)
+        y = base(x)
+        return y + base_forward(x, delta.to(x.dtype), None, conv).to(y.dtype)
+
+    # -- the file format -------------------------------------------------------------------
+    def file_tensors(self) -> dict[str, Tensor]:
+        """``key → tensor`` of this module's group (keys without the module prefix)."""
+        return {f"{self.file_prefix}{k}": v.detach().clone() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_file_tensors(cls, weight_shape: tuple[int, ...], group: Mapping[str, Tensor]) -> Adapter:
+        """Rebuild an adapter from what :meth:`file_tensors` wrote. Raises ValueError when the
+        tensors are incomplete or do not fit ``weight_shape``."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_group(cls, tensors: Mapping[str, Tensor], module: str) -> dict[str, Tensor] | None:
+        """``module``'s group of this class in a file's tensors, or None; found by probing the
+        declared keys: constant time in the file's size, as a loader calling it per model key needs."""
+        if f"{module}.{cls.file_mark}" not in tensors:
+            return None
+        names = [cls.file_mark, *(cls.file_prefix + name for name in cls.file_fixed)]
+        group = {name: tensors[f"{module}.{name}"] for name in names if f"{module}.{name}" in tensors}
+        for name in cls.file_indexed:
+            d = 0
+            while f"{module}.{cls.file_prefix}{name}.{d}" in tensors:
+                group[f"{cls.file_prefix}{name}.{d}"] = tensors[f"{module}.{cls.file_prefix}{name}.{d}"]
+                d += 1
+        return group
+
+    @classmethod
+    def unprefixed(cls, group: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A group's tensors under their ``state_dict`` names (the prefix dropped)."""
+        n = len(cls.file_prefix)
+        return {k[n:]: v for k, v in group.items() if k.startswith(cls.file_prefix)}
+
+    # -- training hooks --------------------------------------------------------------------
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimizer: ``"adamw"`` (the default), or SODA's ``"spectral"``,
+        ``"stiefel"``, ``"cayley"`` (see :func:`tlora.stiefel.soda_optimizers`)."""
+        return {"adamw": list(self.parameters())}
 
     @property
     def has_regularizer(self) -> bool:

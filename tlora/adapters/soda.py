@@ -15,7 +15,7 @@ The frozen residual ``W − U diag(σ) Vh`` is kept implicitly: the merge comput
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -30,7 +30,7 @@ from ..stiefel import cayley
 from .base import Adapter, ConvArgs
 
 Rotation = Literal["stiefel", "cayley", "none"]
-Path = Literal["auto", "merged", "activations"]
+ForwardPath = Literal["auto", "merged", "activations"]
 SVDDtype = Literal["float64", "float32"]
 
 # SODA's reference factorizations (3 factors), from the paper's code.
@@ -54,7 +54,7 @@ class SODAConfig:
     num_factors: int = 3
     delta_init: float = 0.0
     svd_dtype: SVDDtype = "float64"
-    path: Path = "auto"
+    path: ForwardPath = "auto"
 
     def __post_init__(self):
         if self.rotation not in ("stiefel", "cayley", "none"):
@@ -169,6 +169,30 @@ class SODA(Adapter):
         self._verified = False
         self.register_load_state_dict_post_hook(_reverify_after_load)
 
+    file_prefix = "soda."
+    file_mark = "soda.base_fingerprint"
+    file_fixed = ("delta",)
+    file_indexed = ("rotation", "cayley")
+
+    @classmethod
+    def create_train(cls, method: str, weight: Tensor, **_) -> SODA:
+        """The ``method`` preset, its SVD taken of ``weight`` (ranks do not apply to SODA)."""
+        adapter = cls(tuple(weight.shape), soda_preset(method)).to(weight.device)
+        adapter.bind(weight)
+        return adapter
+
+    @classmethod
+    def from_file_tensors(cls, weight_shape: tuple[int, ...], group: Mapping[str, Tensor]) -> SODA:
+        """The rotation kind is read off the keys (``rotation.*``: Stiefel, ``cayley.*``, none: SVDiff)."""
+        state = cls.unprefixed(group)
+        rotation = "stiefel" if "rotation.0" in state else "cayley" if "cayley.0" in state else "none"
+        adapter = cls(weight_shape, soda_preset("svdiff" if rotation == "none" else "soda", rotation=rotation))
+        try:
+            adapter.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"SODA tensors do not fit a layer weight of shape {tuple(weight_shape)}: {err}") from None
+        return adapter
+
     # -- the frozen SVD --------------------------------------------------------------------
     def bind(self, weight: Tensor, on_mismatch: OnMismatch = "raise") -> None:
         """Check ``weight`` against the recorded fingerprint (recording it if none is) and
@@ -239,3 +263,24 @@ class SODA(Adapter):
             z = kron_apply(z, [q.T for q in self.rotation_factors()])
         y = F.linear(F.linear(z, self.Vh), self.U * self.spectrum(), None if bias is None else bias.float())
         return y.to(x.dtype)
+
+    def bypass(
+        self,
+        x: Tensor,
+        base: Callable[[Tensor], Tensor],
+        weight: Callable[[], Tensor],
+        conv: ConvArgs | None = None,
+        strength: float = 1.0,
+    ) -> Tensor:
+        """``base(x + m·(x·O − x)) + m·(x·O)·Vhᵀ·diag(ReLU(σ+δ) − σ)·Uᵀ``: W' at strength m
+        without merging (a Linear; a conv goes through the weight change). The SVD is the
+        base weight's, taken once (``weight()`` is read only for that)."""
+        if conv is not None:
+            return super().bypass(x, base, weight, conv, strength)
+        if not self._verified:
+            self.bind(weight(), on_mismatch="warn")
+        x32 = x.float()
+        rotated = kron_apply(x32, [q.T for q in self.rotation_factors()]) if self.factors else x32
+        y = base(x32.lerp(rotated, strength).to(x.dtype) if self.factors else x)
+        shift = self.U * ((self.spectrum() - self.sigma) * strength)
+        return y + F.linear(F.linear(rotated, self.Vh), shift).to(y.dtype)

@@ -13,7 +13,7 @@ TLoRA* (TRM + LoRA), transform-only, residual-only and plain LoRA.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -26,7 +26,7 @@ from .base import Adapter, ConvArgs, base_forward
 
 Residual = Literal["tr", "lora", "none"]
 Regularizer = Literal["none", "identity", "orthogonal"]
-Path = Literal["auto", "merged", "transform", "contract"]
+ForwardPath = Literal["auto", "merged", "transform", "contract"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class TLoRAConfig:
     num_factors: int = 3
     regularizer: Regularizer = "none"
     regularizer_weight: float = 0.0
-    path: Path = "auto"
+    path: ForwardPath = "auto"
 
     def __post_init__(self):
         if self.transform_rank < 0 or self.residual_rank < 0 or self.num_factors < 1:
@@ -175,8 +175,44 @@ class TLoRA(Adapter):
             effective_rank,
         )
 
+    file_prefix = "tlora."
+    file_mark = "tlora.scale"
+    file_fixed = ("lora_up", "lora_down")
+    file_indexed = ("transform", "residual_out", "residual_in")
+
     @classmethod
-    def from_tensors(cls, weight_shape: tuple[int, ...], tensors: Mapping[str, Tensor], scale: float) -> TLoRA:
+    def create_train(
+        cls,
+        method: str,
+        weight: Tensor,
+        *,
+        seed: int = 0,
+        transform_rank: int = 2,
+        residual_rank: int = 6,
+        regularizer: Regularizer = "none",
+        regularizer_weight: float = 0.0,
+        **_,
+    ) -> TLoRA:
+        """The ``method`` preset with the ranks it uses replaced (a rank it does not use is ignored)."""
+        overrides = {"regularizer": regularizer, "regularizer_weight": regularizer_weight}
+        if PRESETS[method].transform_rank:
+            overrides["transform_rank"] = transform_rank
+        if PRESETS[method].has_residual:
+            overrides["residual_rank"] = residual_rank
+        return cls(tuple(weight.shape), preset(method, **overrides), seed=seed).to(weight.device)
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        tensors = super().file_tensors()
+        tensors[self.file_mark] = torch.tensor(self.scale, dtype=torch.float32)
+        return tensors
+
+    @classmethod
+    def from_file_tensors(cls, weight_shape: tuple[int, ...], group: Mapping[str, Tensor]) -> TLoRA:
+        state = cls.unprefixed(group)
+        return cls.from_state(weight_shape, state, float(state.pop("scale")))
+
+    @classmethod
+    def from_state(cls, weight_shape: tuple[int, ...], tensors: Mapping[str, Tensor], scale: float) -> TLoRA:
         """Rebuild an adapter from its ``state_dict`` alone (ranks and factors read off the
         tensor shapes), with residual multiplier ``scale``. Raises ValueError when the tensors
         are incomplete or do not fit ``weight_shape``."""
@@ -286,6 +322,32 @@ class TLoRA(Adapter):
         if factors is not None:
             up, down = factors
             y = y + ((x32 @ down.T) @ (up.T * self.scale)).to(y.dtype)
+        return y
+
+    def bypass(
+        self,
+        x: Tensor,
+        base: Callable[[Tensor], Tensor],
+        weight: Callable[[], Tensor],
+        conv: ConvArgs | None = None,
+        strength: float = 1.0,
+    ) -> Tensor:
+        """``base(x + m·x·(T − I)ᵀ) + m·s·x·Δᵀ``: W' at strength m without the base weight (a
+        Linear; a conv mixes kernel taps in T, so it goes through the weight change). T runs
+        on the activations by the cost model's cheaper route (through the cores, or a dense T)."""
+        if conv is not None:
+            return super().bypass(x, base, weight, conv, strength)
+        x32 = x.float()
+        u = x
+        if self.config.transform_rank:
+            transform = self.choose_path(cost.tokens_of(x.numel(), self.in_features))
+            moved = x32 @ self.transform_matrix().T if transform == "transform" else trm.apply(x32, self.cores())
+            u = x32.lerp(moved, strength).to(x.dtype)
+        y = base(u)
+        factors = self.residual_factors()
+        if factors is not None:
+            up, down = factors
+            y = y + ((x32 @ down.T) @ (up.T * (self.scale * strength))).to(y.dtype)
         return y
 
     def _prepared_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

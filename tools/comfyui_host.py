@@ -1,6 +1,7 @@
-"""Locate a ComfyUI host and import it (and this pack) in-process, the way ComfyUI does.
+"""The one host loader: locate a ComfyUI and import it (and this pack) in-process, the way ComfyUI
+does. Used by the command line (``python -m tlora train``), the host tests and the benches.
 
-Only the standard library is imported at module level: without a host nothing here touches ComfyUI.
+Standard library only: without a host nothing here touches ComfyUI (or torch).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_MODULE = "comfyui_tlora"  # sys.modules name of the in-process import of this repo
 NO_HOST_REASON = "no ComfyUI host: set COMFYUI_PATH=/path/to/ComfyUI and run with its Python"
 
@@ -29,7 +30,7 @@ def find_comfyui(env: dict | None = None, repo_roots: list[Path] | None = None) 
             return path, ""
         return None, f"no ComfyUI host: COMFYUI_PATH={env['COMFYUI_PATH']} has no main.py and comfy/"
     # The checkout as seen (maybe through a symlink in custom_nodes/) and as resolved.
-    for root in repo_roots or [Path(__file__).absolute().parents[2], REPO_ROOT]:
+    for root in repo_roots or [Path(__file__).absolute().parents[1], REPO_ROOT]:
         if root.parent.name == "custom_nodes" and is_comfyui(root.parent.parent):
             return root.parent.parent.resolve(), ""
     return None, NO_HOST_REASON
@@ -114,3 +115,12 @@ def use_dirs(base: Path, models: Path) -> SimpleNamespace:
     folder_paths.add_model_folder_path("checkpoints", str(dirs.checkpoints), is_default=True)
     folder_paths.add_model_folder_path("loras", str(dirs.loras), is_default=True)
     return dirs
+
+
+def boot(path: Path, cpu: bool) -> ModuleType:
+    """ComfyUI imported from ``path`` and this pack loaded into it; returns the pack. A clear
+    ``SystemExit`` when ``path`` is not a ComfyUI folder."""
+    if not is_comfyui(Path(path)):
+        raise SystemExit(f"{path} is not a ComfyUI folder (no main.py and comfy/): pass --comfyui PATH")
+    import_host(Path(path), cpu=cpu)
+    return load_pack()

@@ -1,0 +1,39 @@
+"""The one seam where ComfyUI versions differ (tested: 0.3.64 and 0.33.0). Feature checks only,
+never version strings and never copies of host code."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+
+import comfy.model_management
+import latent_preview
+
+
+@contextlib.contextmanager
+def training_mode() -> Iterator[None]:
+    """``comfy.model_management.in_training`` set inside the block, as ComfyUI's own trainer sets
+    it (newer models then avoid fused inference-only kernels that break backward); a ComfyUI
+    without the flag has no such kernels."""
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    before = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = before
+
+
+def previewer(device, latent_format):
+    """ComfyUI's previewer for ``latent_format`` (the user's preview method: TAESD or latent→RGB);
+    with previews turned off in ComfyUI, latent→RGB, since the node was asked for previews."""
+    found = latent_preview.get_previewer(device, latent_format)
+    if found is not None:
+        return found
+    factors = [latent_format.latent_rgb_factors, latent_format.latent_rgb_factors_bias]
+    if "latent_rgb_factors_reshape" in inspect.signature(latent_preview.Latent2RGBPreviewer).parameters:
+        factors.append(getattr(latent_format, "latent_rgb_factors_reshape", None))
+    return latent_preview.Latent2RGBPreviewer(*factors)

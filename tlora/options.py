@@ -1,0 +1,175 @@
+"""The training options, defined once: name, type, default, bounds and help text of each.
+
+The Train TLoRA node's inputs (nodes/train.py) and ``python -m tlora train``'s arguments
+(:func:`add_arguments`) are generated from :class:`TrainingOptions`; both build a run from one
+instance, validated here. Field order is the node's widget order: shared workflows store widget
+values by position, so new options go last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .adapters import METHODS
+
+TARGET_CHOICES = (
+    "attention",
+    "attention,proj",
+    "attention,feed_forward",
+    "attention,conv",
+    "attention,text_attention",
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NO_RESUME = ""
+
+
+def option(
+    default: Any,
+    help: str = "",
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    step: float | None = None,
+    choices: tuple | None = None,
+    optional: bool = True,
+    cli: str | None = None,
+    node: bool = True,
+):
+    """A dataclass field with what the node and the CLI need: bounds and ``choices`` (checked in
+    :meth:`TrainingOptions.__post_init__`), ``optional`` (the node input's), ``cli`` (a flag other
+    than ``--<name>``; ``""``: not on the command line), ``node`` (False: not a node input)."""
+    meta = {"help": help, "min": min, "max": max, "step": step, "choices": choices, "optional": optional}
+    return field(default=default, metadata={**meta, "cli": cli, "node": node})
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Everything a training run is asked for (defaults: METHOD.md's reference values)."""
+
+    method: str = option("tlora", "Adapter method.", choices=tuple(METHODS), optional=False)
+    transform_rank: int = option(2, "Ring rank of the transform T.", min=1, max=16, optional=False)
+    residual_rank: int = option(6, "TR ring rank, or LoRA rank.", min=1, max=256, optional=False)
+    steps: int = option(500, "Optimizer steps.", min=1, max=100_000, optional=False)
+    learning_rate: float = option(1e-4, "AdamW learning rate.", min=1e-7, max=1.0, step=1e-5, optional=False)
+    batch_size: int = option(1, "Images per micro-batch.", min=1, max=64, optional=False)
+    seed: int = option(0, "Seed of the init and of every step's noise.", min=0, max=0xFFFFFFFF, optional=False)
+    output_name: str = option(
+        "tlora/my_adapter",
+        "Where the adapter is saved: a name in the loras folder (node), a file path (command line).",
+        optional=False,
+        cli="--output",
+    )
+    targets: str = option(
+        "attention",
+        "Layers to adapt, comma-separated groups; text_attention (the text encoder's) needs clip + captions.",
+        choices=TARGET_CHOICES,
+    )
+    regularizer: str = option(
+        "none", "Penalty on T: towards I, or towards orthogonal.", choices=("none", "identity", "orthogonal")
+    )
+    regularizer_weight: float = option(0.0, "Weight of the regularizer.", min=0.0, max=10.0, step=1e-4)
+    rotation_learning_rate: float = option(
+        5e-5, "Learning rate of SODA's rotations (StiefelAdam).", min=1e-7, max=1.0, step=1e-5
+    )
+    schedule: str = option("constant", "Learning-rate schedule after warm-up.", choices=("constant", "cosine"))
+    warmup_steps: int = option(0, "Linear warm-up steps.", min=0, max=100_000)
+    grad_accumulation: int = option(1, "Micro-batches per optimizer step.", min=1, max=256)
+    grad_clip: float = option(1.0, "Clip the gradient norm to this (0: off).", min=0.0, max=100.0, step=0.1)
+    gradient_checkpointing: bool = option(False, "Recompute block activations in backward (less memory).")
+    training_dtype: str = option("fp32", "Autocast dtype of the model (adapters stay fp32).", choices=tuple(DTYPES))
+    loss: str = option("mse", "mse, or dco (direct consistency against the base model).", choices=("mse", "dco"))
+    dco_beta: float = option(1000.0, "DCO's β.", min=0.0, max=1e5)
+    save_every: int = option(0, "Save every N steps (0: only at the end).", min=0, max=100_000)
+    resume_from: str = option(
+        NO_RESUME, "An adapter file (with its .tlora-state beside it) to continue.", cli="--resume"
+    )
+    overwrite: bool = option(False, "Replace an existing output file.")
+    preview_every: int = option(
+        0, "Every N steps, sample one image (first caption, fixed seed) and show it (0: off).", min=0, max=100_000
+    )
+    weight_decay: float = option(1e-4, "AdamW weight decay.", min=0.0, max=1.0, step=1e-5)
+    batched_factors: bool | None = option(
+        None, "Build same-shaped layers' factors in one batched pass (None: on CUDA).", cli="", node=False
+    )
+
+    def __post_init__(self):
+        problems = []
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta["choices"] and f.name != "targets" and value not in meta["choices"]:
+                problems.append(f"{f.name} must be one of {list(meta['choices'])}, got {value!r}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    problems.append(f"{f.name} must be a finite number, got {value}")
+                elif meta["min"] is not None and value < meta["min"]:
+                    problems.append(f"{f.name} must be at least {meta['min']}, got {value}")
+                elif meta["max"] is not None and value > meta["max"]:
+                    problems.append(f"{f.name} must be at most {meta['max']}, got {value}")
+        if not self.target_groups:
+            problems.append("targets names no layer group: give at least one, e.g. 'attention'")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def target_groups(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.training_dtype]
+
+    @property
+    def adapter_options(self) -> dict[str, Any]:
+        """What :meth:`tlora.adapters.Adapter.create_train` reads."""
+        names = ("transform_rank", "residual_rank", "regularizer", "regularizer_weight")
+        return {name: getattr(self, name) for name in names}
+
+    def replace(self, **changes) -> TrainingOptions:
+        return dataclasses.replace(self, **changes)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base learning rates at (0-based) ``step``: linear warm-up, then
+        constant or cosine decay to 0 at ``steps``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cli_flag(f: dataclasses.Field) -> str:
+    return f.metadata["cli"] or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One argument per option (``--learning-rate``, …), with its default, choices and help."""
+    group = parser.add_argument_group("training options")
+    for f in fields(TrainingOptions):
+        if f.metadata["cli"] == "":
+            continue
+        meta, flag = f.metadata, cli_flag(f)
+        bounds = [
+            f"≥ {meta['min']:g}" if meta["min"] is not None else "",
+            f"≤ {meta['max']:g}" if meta["max"] is not None else "",
+        ]
+        help_text = f"{meta['help']} {' '.join(b for b in bounds if b)}".strip() + " (default: %(default)s)"
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+        elif f.name == "output_name":
+            group.add_argument(flag, dest=f.name, required=True, help=meta["help"])
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            choices = meta["choices"] if f.name != "targets" else None
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=choices, help=help_text)
+
+
+def from_arguments(args: argparse.Namespace) -> TrainingOptions:
+    """The options of a parsed command line (see :func:`add_arguments`)."""
+    return TrainingOptions(**{f.name: getattr(args, f.name) for f in fields(TrainingOptions) if hasattr(args, f.name)})
