@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,12 +425,11 @@ def init_tensors_(module: torch.nn.Module, generator: torch.Generator, rules: di
     with fan_in = in_features or in_channels/groups·prod(kernel), biases 0; norm weights 1, biases 0;
     embeddings N(0, 0.02²). A tensor left over raises, so none keeps uninitialized memory.
     """
-    rules = dict(rules or {})
     tensors = module.state_dict(keep_vars=True)
     done: set[int] = set()
     norms = _norm_types()
     with torch.no_grad():
-        for pattern, init in rules.items():
+        for pattern, init in (rules or {}).items():
             names = [n for n in tensors if fnmatch.fnmatchcase(n, pattern)]
             if not names:
                 raise RuntimeError(f"tiny checkpoint: init rule {pattern!r} matches no tensor")
@@ -523,16 +521,13 @@ def write_family(family: Family, path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def load_family(family: Family, path: str | Path, model_options: dict | None = None):
+def load_family(family: Family, path: str | Path):
     """Load a written checkpoint the way ComfyUI's loader nodes do; returns the ModelPatcher."""
     import comfy.sd
 
-    options = model_options or {}
     if family.checkpoint:
-        return comfy.sd.load_checkpoint_guess_config(
-            str(path), output_vae=False, output_clip=False, model_options=options
-        )[0]
-    return comfy.sd.load_diffusion_model(str(path), model_options=options)
+        return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+    return comfy.sd.load_diffusion_model(str(path))
 
 
 def conditioning(family: Family, batch: int = 1, seed: int = 0) -> list:
@@ -573,7 +568,3 @@ def linear_layers(module: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
 def group_of(family: Family, name: str) -> list[str]:
     """The groups of ``family`` whose globs match the Linear layer ``name`` (relative to the diffusion model)."""
     return [g for g, globs in family.groups.items() if any(fnmatch.fnmatchcase(name, p) for p in globs)]
-
-
-def parameters(module: torch.nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters())
