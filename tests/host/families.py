@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import UNET_PREFIX, VAE_PREFIX
+from tools.tiny_checkpoints import UNET_PREFIX, VAE_PREFIX
 
 Init = Callable[[torch.Tensor, torch.Generator], None]
 
