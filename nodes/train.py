@@ -22,7 +22,6 @@ from comfy_api.latest import io
 from ..tlora.dataset import per_image
 from ..tlora.format import module_tensors
 from ..tlora.model import (
-    TEXT_ENCODER_GROUPS,
     attached,
     checkpointed_blocks,
     make_adapters,
@@ -32,8 +31,9 @@ from ..tlora.model import (
 )
 from ..tlora.options import NO_RESUME, TrainingOptions
 from ..tlora.run import RunFiles, resume, training_metadata
+from ..tlora.targets import TEXT_ENCODER_GROUPS
 from ..tlora.train import NonFiniteLossError, Trainer
-from .apply import architecture_of
+from .apply import architecture_names, architecture_of
 from .compat import training_mode
 from .folders import TRAINING_CATEGORY, adapter_file_problem, adapter_files, output_path, resolve_adapter_path
 from .sampling import TrainingLoop, TrainingSampler
@@ -101,14 +101,17 @@ def train(
             patcher.model.requires_grad_(False)
         diffusion = mp.model.diffusion_model
         unet_groups = [t for t in options.target_groups if t not in TEXT_ENCODER_GROUPS]
-        modules = {f"diffusion_model.{n}": m for n, m in select_modules(diffusion, unet_groups).items()}
+        selected = select_modules(diffusion, unet_groups, architecture=architecture_names(model))
+        modules = {f"diffusion_model.{n}": m for n, m in selected.items()}
         if text_groups:
             text_modules = select_modules(te.cond_stage_model, text_groups)
             if not text_modules:
                 raise ValueError(f"no layer of this text encoder matches the target groups {text_groups}")
             modules.update({f"text_encoders.{n}": m for n, m in text_modules.items()})
         if not modules:
-            raise ValueError(f"no layer of this model matches the target groups {list(options.target_groups)}")
+            raise ValueError(
+                f"no layer of this {architecture_of(model)} model matches the targets {list(options.target_groups)}"
+            )
         adapters = make_adapters(modules, options.method, seed=options.seed, **options.adapter_options)
         trainer = Trainer(adapters, options)
         if resume_path is not None:

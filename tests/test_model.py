@@ -50,7 +50,7 @@ def test_select_groups_and_patterns():
     assert sorted(select_modules(block, ["feed_forward", "proj"])) == ["ff.net.2", "proj_in"]  # ff.net.0 is no proj
     assert sorted(select_modules(block, [], ["*.to_q", "proj_*"])) == ["attn2.to_q", "proj_in"]
     assert select_modules(block, [], ["depthwise"]) == {}  # grouped conv is not one matrix
-    with pytest.raises(ValueError, match="unknown target group"):
+    with pytest.raises(ValueError, match=r"no layer group 'mlp' for this model: its groups are \['attention'"):
         select_modules(block, ["mlp"])
 
 

@@ -3,15 +3,14 @@ the other temporary patches training needs (gradient checkpointing, norms on cop
 patch swaps module forwards inside one context manager, :func:`swapped_forwards`, which
 restores them on exit.
 
-Layer names follow the model's own ``named_modules()``; the groups below match both
-ComfyUI's (LDM) and diffusers' names for Stable Diffusion UNets and CLIP text encoders.
+Layer names follow the model's own ``named_modules()``; which names each target means, per
+architecture, is :mod:`tlora.targets`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -19,39 +18,22 @@ from torch import Tensor, nn
 
 from .adapters import METHODS, Adapter
 from .adapters.base import ConvArgs, base_forward
-
-# Name suffixes of each target group.
-TARGET_GROUPS: dict[str, tuple[str, ...]] = {
-    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "feed_forward": ("ff.net.0.proj", "ff.net.2"),
-    "proj": ("proj_in", "proj_out"),
-    "conv": ("in_layers.2", "out_layers.3", "skip_connection", "conv1", "conv2", "conv_shortcut"),
-    "text_attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
-}
-TEXT_ENCODER_GROUPS = ("text_attention",)  # groups that live in the text encoder, not the UNet
-DEFAULT_TARGETS = ("attention",)
-
-
-def _matches(name: str, suffixes: Iterable[str], patterns: Iterable[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in suffixes) or any(
-        fnmatch.fnmatchcase(name, p) for p in patterns
-    )
+from .targets import DEFAULT_TARGETS, matches, resolve
 
 
 def select_modules(
-    model: nn.Module, groups: Iterable[str] = DEFAULT_TARGETS, patterns: Iterable[str] = ()
+    model: nn.Module,
+    targets: Iterable[str] = DEFAULT_TARGETS,
+    patterns: Iterable[str] = (),
+    architecture: Sequence[str] | None = None,
 ) -> dict[str, nn.Module]:
-    """The Linear and Conv2d layers of ``model`` whose name ends with a suffix of one of
-    ``groups`` (see :data:`TARGET_GROUPS`) or matches one of the glob ``patterns``.
+    """The Linear and Conv2d layers of ``model`` named by ``targets`` (groups of ``architecture``'s
+    preset, text-encoder groups or globs; see :mod:`tlora.targets`) or by the globs ``patterns``.
     Grouped or non-zero-padded convs are skipped (their weight is not one matrix)."""
-    groups, patterns = tuple(groups), tuple(patterns)
-    unknown = [g for g in groups if g not in TARGET_GROUPS]
-    if unknown:
-        raise ValueError(f"unknown target group(s) {unknown}; choose from {sorted(TARGET_GROUPS)}")
-    suffixes = [s for g in groups for s in TARGET_GROUPS[g]]
+    globs = resolve(targets, architecture) + tuple(patterns)
     selected = {}
     for name, module in model.named_modules():
-        if not _matches(name, suffixes, patterns):
+        if not matches(name, globs):
             continue
         if isinstance(module, nn.Linear) or (
             isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from tlora import targets
 from tools.tiny_checkpoints import UNET_PREFIX, VAE_PREFIX
 
 Init = Callable[[torch.Tensor, torch.Generator], None]
@@ -63,8 +64,6 @@ class Family:
     text_encoder: str  # what produces that conditioning in a real workflow
     tiny: dict
     full: dict[str, dict]  # released sizes by name, for the layer shapes
-    # Linear layers of the diffusion model by natural group (name globs, fnmatch); "attention" first, the default.
-    groups: dict[str, tuple[str, ...]]
     outside_blocks: tuple[str, ...]  # globs of the Linear layers no group holds: embedders, final layer
     pooled: int | None = None  # width of the pooled_output the model needs
     cond_extras: dict = field(default_factory=dict)  # other conditioning entries
@@ -72,10 +71,6 @@ class Family:
     host_config: Callable[[dict], dict] | None = None  # adapts a config to this host's class signature
     checkpoint: bool = False  # full checkpoint (load_checkpoint_guess_config) instead of a diffusion model
     dtype: torch.dtype = torch.bfloat16  # of the written file
-
-
-def _qkvo(prefix: str, names: str = "q k v o") -> tuple[str, ...]:
-    return tuple(prefix + n for n in names.split())
 
 
 def _flux_config(config: dict) -> dict:
@@ -103,8 +98,6 @@ _UNET = {
     "use_temporal_attention": False,
 }
 
-_SD_SELF_ATTENTION = _qkvo("*.attn1.", "to_q to_k to_v to_out.0")
-_SD_CROSS_ATTENTION = _qkvo("*.attn2.", "to_q to_k to_v to_out.0")
 
 _SD35 = {
     "in_channels": 16,
@@ -214,14 +207,6 @@ FAMILIES: dict[str, Family] = {
                     "transformer_depth_middle": 1,
                 }
             },
-            groups={
-                "attention": _SD_SELF_ATTENTION + _SD_CROSS_ATTENTION,
-                "self_attention": _SD_SELF_ATTENTION,
-                "cross_attention": _SD_CROSS_ATTENTION,
-                "mlp": ("*.ff.net.0.proj", "*.ff.net.2"),
-                "transformer_proj": ("*.proj_in", "*.proj_out"),
-                "resblock_time": ("*.emb_layers.1",),
-            },
             outside_blocks=("time_embed.*",),
             # ComfyUI's SD20.model_type: v-prediction when this bias spreads (std > 0.09), as trained 768-v
             # weights do; a freshly initialized norm (bias 0) would read as eps.
@@ -248,18 +233,6 @@ FAMILIES: dict[str, Family] = {
                 "SD3.5 Large": _mmdit(depth=38, pos_embed_max_size=192, x_block_self_attn_layers=[]),
                 "SD3.5 Medium": _mmdit(depth=24, pos_embed_max_size=384, x_block_self_attn_layers=list(range(13))),
             },
-            groups={
-                "attention": (
-                    "joint_blocks.*.attn.qkv",
-                    "joint_blocks.*.attn.proj",
-                    "joint_blocks.*.attn2.qkv",
-                    "joint_blocks.*.attn2.proj",
-                ),
-                "image_attention": ("joint_blocks.*.x_block.attn.*", "joint_blocks.*.x_block.attn2.*"),
-                "text_attention": ("joint_blocks.*.context_block.attn.*",),
-                "mlp": ("joint_blocks.*.mlp.fc1", "joint_blocks.*.mlp.fc2"),
-                "modulation": ("joint_blocks.*.adaLN_modulation.1",),
-            },
             outside_blocks=("t_embedder.*", "y_embedder.*", "context_embedder", "final_layer.*"),
             init={"pos_embed": normal(0.02)},
             dtype=torch.float16,
@@ -283,20 +256,6 @@ FAMILIES: dict[str, Family] = {
             },
             # Single blocks have no separate attention projections: linear1 is [q k v mlp_in] (3·D + 4·D outputs),
             # linear2 is [attention out | mlp out] (D + 4·D inputs); "attention" takes them whole.
-            groups={
-                "attention": (
-                    "double_blocks.*_attn.qkv",
-                    "double_blocks.*_attn.proj",
-                    "single_blocks.*.linear1",
-                    "single_blocks.*.linear2",
-                ),
-                "double_attention": ("double_blocks.*_attn.qkv", "double_blocks.*_attn.proj"),
-                "image_attention": ("double_blocks.*.img_attn.*",),
-                "text_attention": ("double_blocks.*.txt_attn.*",),
-                "single_blocks": ("single_blocks.*.linear1", "single_blocks.*.linear2"),
-                "mlp": ("double_blocks.*_mlp.0", "double_blocks.*_mlp.2"),
-                "modulation": ("double_blocks.*_mod.lin", "single_blocks.*.modulation.lin"),
-            },
             outside_blocks=("img_in", "time_in.*", "vector_in.*", "guidance_in.*", "txt_in", "final_layer.*"),
             host_config=_flux_config,
         ),
@@ -313,14 +272,6 @@ FAMILIES: dict[str, Family] = {
             text_encoder="Qwen2.5-VL-7B hidden states [B, T, 3584]",
             tiny={"in_channels": 64, "out_channels": 16, "num_layers": 1},
             full={"Qwen-Image": {"in_channels": 64, "out_channels": 16, "num_layers": 60}},
-            groups={
-                "attention": _qkvo("transformer_blocks.*.attn.", "to_q to_k to_v to_out.0")
-                + _qkvo("transformer_blocks.*.attn.", "add_q_proj add_k_proj add_v_proj to_add_out"),
-                "image_attention": _qkvo("transformer_blocks.*.attn.", "to_q to_k to_v to_out.0"),
-                "text_attention": _qkvo("transformer_blocks.*.attn.", "add_q_proj add_k_proj add_v_proj to_add_out"),
-                "mlp": ("transformer_blocks.*_mlp.net.0.proj", "transformer_blocks.*_mlp.net.2"),
-                "modulation": ("transformer_blocks.*_mod.1",),
-            },
             outside_blocks=("time_text_embed.*", "img_in", "txt_in", "norm_out.linear", "proj_out"),
         ),
         Family(
@@ -338,12 +289,6 @@ FAMILIES: dict[str, Family] = {
             full={"Z-Image": {**_ZIMAGE, "n_layers": 30}},
             # noise_refiner blocks see image tokens only, context_refiner blocks text tokens only (no timestep),
             # layers both; "attention" is every block's.
-            groups={
-                "attention": ("*.attention.qkv", "*.attention.out"),
-                "mlp": ("*.feed_forward.w1", "*.feed_forward.w2", "*.feed_forward.w3"),
-                "modulation": ("*.adaLN_modulation.0",),
-                "refiners": ("noise_refiner.*", "context_refiner.*"),
-            },
             outside_blocks=("x_embedder", "t_embedder.*", "cap_embedder.1", "final_layer.*"),
             init={"*_pad_token": normal(0.02)},
         ),
@@ -363,12 +308,6 @@ FAMILIES: dict[str, Family] = {
                 "Wan 2.1 14B": _wan(dim=5120, ffn_dim=13824, num_layers=40, channels=16),
                 "Wan 2.1 1.3B": _wan(dim=1536, ffn_dim=8960, num_layers=30, channels=16),
             },
-            groups={
-                "attention": _qkvo("blocks.*.self_attn.") + _qkvo("blocks.*.cross_attn."),
-                "self_attention": _qkvo("blocks.*.self_attn."),
-                "cross_attention": _qkvo("blocks.*.cross_attn."),
-                "mlp": ("blocks.*.ffn.0", "blocks.*.ffn.2"),
-            },
             outside_blocks=("text_embedding.*", "time_embedding.*", "time_projection.1", "head.head"),
             init={"*modulation": normal_last_dim},
         ),
@@ -385,12 +324,6 @@ FAMILIES: dict[str, Family] = {
             text_encoder="umT5-XXL [B, 512, 4096]",
             tiny=_wan(dim=128, ffn_dim=256, num_layers=1, channels=48),
             full={"Wan 2.2 TI2V-5B": _wan(dim=3072, ffn_dim=14336, num_layers=30, channels=48)},
-            groups={
-                "attention": _qkvo("blocks.*.self_attn.") + _qkvo("blocks.*.cross_attn."),
-                "self_attention": _qkvo("blocks.*.self_attn."),
-                "cross_attention": _qkvo("blocks.*.cross_attn."),
-                "mlp": ("blocks.*.ffn.0", "blocks.*.ffn.2"),
-            },
             outside_blocks=("text_embedding.*", "time_embedding.*", "time_projection.1", "head.head"),
             init={"*modulation": normal_last_dim},
         ),
@@ -565,6 +498,13 @@ def linear_layers(module: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def groups_of(family: Family) -> dict[str, tuple[str, ...]]:
+    """The family's layer groups: the core's preset for its architecture (tlora/targets.py), found
+    through ComfyUI's config class and its parents, as the trainer finds it."""
+    config = getattr(importlib.import_module("comfy.supported_models"), family.config_class)
+    return targets.PRESETS[targets.preset_of([cls.__name__ for cls in config.__mro__])]
+
+
 def group_of(family: Family, name: str) -> list[str]:
     """The groups of ``family`` whose globs match the Linear layer ``name`` (relative to the diffusion model)."""
-    return [g for g, globs in family.groups.items() if any(fnmatch.fnmatchcase(name, p) for p in globs)]
+    return [g for g, globs in groups_of(family).items() if targets.matches(name, globs)]

@@ -9,13 +9,16 @@ latent of the right shape that depends on the conditioning.
 
 from __future__ import annotations
 
-import fnmatch
 import gc
+import importlib
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from tlora import targets
 
 from . import families as F
 
@@ -72,7 +75,7 @@ def linear_names(family: F.Family, config: dict) -> list[str]:
 
 
 def matches(name: str, globs: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+    return targets.matches(name, globs)
 
 
 def test_detected_at_every_size(family):
@@ -82,9 +85,10 @@ def test_detected_at_every_size(family):
 
 def test_groups_place_every_linear_layer(family):
     tiny = linear_names(family, family.tiny)
-    for glob in [g for globs in family.groups.values() for g in globs] + list(family.outside_blocks):
-        assert any(fnmatch.fnmatchcase(n, glob) for n in tiny), f"{glob!r} matches no layer of the tiny model"
-    assert next(iter(family.groups)) == "attention"
+    groups = F.groups_of(family)
+    for glob in [g for globs in groups.values() for g in globs] + list(family.outside_blocks):
+        assert any(matches(n, (glob,)) for n in tiny), f"{glob!r} matches no layer of the tiny model"
+    assert next(iter(groups)) == "attention"
     for label, config in [("tiny", family.tiny), *family.full.items()]:
         names = linear_names(family, config)
         unplaced = [n for n in names if not F.group_of(family, n) and not matches(n, family.outside_blocks)]
@@ -170,3 +174,119 @@ def test_init_places_every_tensor(comfy):
     F.init_tensors_(module, gen, {"tab*": F.normal_last_dim, "lin.bias": F.fill(2.0)})
     assert module.norm.weight.eq(1).all() and module.lin.bias.eq(2).all()
     assert 0.08 < module.lin.weight.std() < 0.17 and 0.08 < module.table.std() < 0.17  # ~ 1/sqrt(64)
+
+
+# -- training, applying and exporting on each family (issue 14) -------------------------------------------
+
+METHODS = ("tlora", "tlora_star", "transform", "residual", "lora", "soda", "svdiff")
+BIG = 50_000_000  # parameters above which a family trains one method on two layers (Qwen-Image, Z-Image, …)
+
+
+def pack(name: str):
+    return importlib.import_module(f"comfyui_tlora.{name}")
+
+
+def denoised(model, family: F.Family, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's denoised estimate x̂0 of ``x0`` noised at ``sigma`` with ``noise`` (the guider's conds)."""
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler
+
+    out = {}
+
+    class Probe(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise_in, latent_image=None, *_, **__):
+            sampling = model_wrap.inner_model.model_sampling
+            s = sigmas[:1].expand(x0.shape[0])
+            with torch.no_grad():
+                out["x0"] = model_wrap(sampling.noise_scaling(s, noise, x0, False), s, **extra_args).float()
+            return latent_image
+
+    guider = comfy_extras.nodes_custom_sampler.Guider_Basic(model)
+    guider.set_conds(F.conditioning(family, batch=1, seed=0))
+    with torch.inference_mode(False):
+        guider.sample(torch.zeros_like(x0), x0, Probe(), torch.tensor([sigma, 0.0]), seed=0)
+    return out["x0"]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def big(loaded) -> bool:
+    return sum(p.numel() for p in loaded.model.model.diffusion_model.parameters()) > BIG
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trains_applies_bypasses_and_exports(loaded, family, big, comfy, method):
+    from comfy import sd
+
+    if big and method != "tlora":
+        pytest.skip(f"{family.title} is too large for every method on CPU: TLoRA only")
+    model = loaded.model
+    architecture = pack("nodes.apply").architecture_names(model)
+    layers = pack("tlora.model").select_modules(model.model.diffusion_model, ["attention"], architecture=architecture)
+    assert layers, f"{family.title}: the attention preset selects nothing"
+    targets = ",".join(sorted(layers)[:2]) if big else "attention"
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, *family.latent, generator=gen), torch.randn(1, *family.latent, generator=gen)
+    percent = 0.5
+    sigma = float(model.model.model_sampling.percent_to_sigma(percent))
+    c_out = float(model.model.model_sampling.calculate_denoised(torch.tensor(sigma), torch.ones(1), torch.zeros(1)))
+
+    def error(m) -> float:
+        return (((denoised(m, family, x0, sigma, noise) - x0) / c_out) ** 2).mean().item()
+
+    options = pack("tlora.options").TrainingOptions(
+        method=method,
+        residual_rank=4,
+        steps=3 if big else 8,
+        learning_rate=1e-2,
+        rotation_learning_rate=1e-2,
+        targets=targets,
+        seed=0,
+    )
+    name = f"families/{family.key}_{method}.safetensors"
+    output = comfy.dirs.loras / name
+    output.unlink(missing_ok=True)
+    result = pack("nodes.train").train(model, {"samples": x0}, options, positive=F.conditioning(family), output=output)
+    assert all(map(math.isfinite, result.losses)) and len(result.losses) == options.steps
+    before, after = error(model), error(result.model)
+    assert after < before, f"{family.title}/{method}: the trained model denoises its image no better"
+
+    # The file, four ways: Apply TLoRA's node, the stock loader, the bypass loader (where the host has it).
+    trained = denoised(result.model, family, x0, sigma, noise)
+    (via_node, _) = pack("nodes.apply").ApplyTLoRA.execute(model, name, 1.0, 0.0).args
+    tensors = pack("tlora.format").load_adapter_file(output).tensors
+    via_stock = sd.load_lora_for_models(model, None, tensors, 1.0, 0.0)[0]
+    outputs = {"node": via_node, "stock": via_stock}
+    if hasattr(sd, "load_bypass_lora_for_models"):
+        outputs["bypass"] = sd.load_bypass_lora_for_models(model, None, tensors, 1.0, 0.0)[0]
+    for how, patched in outputs.items():
+        assert relative_error(denoised(patched, family, x0, sigma, noise), trained) < 1e-4, how
+
+    info = pack("tlora.format").describe(pack("tlora.format").load_adapter_file(output))
+    assert info["base_model"] == family.config_class and info["method"] == method
+    report = pack("nodes.export").export_for_model(
+        model, name, 4096, "lora", f"families/{family.key}_{method}_lora", True
+    )
+    assert report.max_error < 1e-4  # full rank: exact
+
+
+def test_a_file_for_another_family_is_refused_naming_both(loaded, family, tiny_sd15, comfy):
+    """An adapter trained on this family, applied to SD1.5 (and an SD1.5 one applied here)."""
+    architecture = pack("nodes.apply").architecture_names(loaded.model)
+    layers = pack("tlora.model").select_modules(
+        loaded.model.model.diffusion_model, ["attention"], architecture=architecture
+    )
+    first = sorted(layers)[0]
+    adapter = pack("tlora.adapters").TLoRA(tuple(layers[first].weight.shape))
+    name = f"families/{family.key}_foreign.safetensors"
+    meta = {"tlora.method": "tlora", "tlora.base_model": family.config_class}
+    pack("tlora.format").save_adapters(
+        comfy.dirs.loras / name, {f"diffusion_model.{first}": adapter}, meta, overwrite=True
+    )
+    apply = pack("nodes.apply").ApplyTLoRA.execute
+    if family.config_class != "SD15":
+        with pytest.raises(ValueError, match=f"made for {family.config_class}; this model is SD15"):
+            apply(tiny_sd15.model, name, 1.0, 0.0)

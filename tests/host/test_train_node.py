@@ -164,7 +164,7 @@ def test_bad_inputs_are_named(tiny_sd15, data):
         node.execute(**{**args, "latents": {"samples": torch.zeros(0, 4, 8, 8)}})
     with pytest.raises(ValueError, match="3 conditionings for 2 images"):
         node.execute(**{**args, "positive": data[1] * 3})
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match=r"method must be one of \['tlora'"):
         node.execute(**{**args, "method": "dora"})
     with pytest.raises(ValueError, match="must be a plain name inside the loras folder"):
         node.execute(**{**args, "output_name": "../escape"})
