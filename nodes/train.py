@@ -24,8 +24,10 @@ from ..tlora.format import module_tensors
 from ..tlora.model import (
     attached,
     checkpointed_blocks,
+    is_plain_weight,
     make_adapters,
     norms_on_copies,
+    recomputed_in_backward,
     release_inference_tensors,
     select_modules,
 )
@@ -34,7 +36,7 @@ from ..tlora.run import RunFiles, resume, training_metadata
 from ..tlora.targets import TEXT_ENCODER_GROUPS
 from ..tlora.train import NonFiniteLossError, Trainer
 from .apply import architecture_names, architecture_of
-from .compat import training_mode
+from .compat import dequantized_weight, training_mode
 from .folders import TRAINING_CATEGORY, adapter_file_problem, adapter_files, output_path, resolve_adapter_path
 from .sampling import TrainingLoop, TrainingSampler
 
@@ -112,7 +114,22 @@ def train(
             raise ValueError(
                 f"no layer of this {architecture_of(model)} model matches the targets {list(options.target_groups)}"
             )
-        adapters = make_adapters(modules, options.method, seed=options.seed, **options.adapter_options)
+        quantized = sorted(n for n, m in modules.items() if not is_plain_weight(m.weight))
+        bypass = options.bypass_mode or bool(quantized)
+        if quantized:
+            log.info(
+                "%d layers have fp8 or quantized weights (e.g. %s): training in bypass mode",
+                len(quantized),
+                quantized[0],
+            )
+        device = mp.load_device
+        adapters = make_adapters(
+            modules,
+            options.method,
+            seed=options.seed,
+            weight_of=(lambda m: dequantized_weight(m, device)) if bypass else None,
+            **options.adapter_options,
+        )
         trainer = Trainer(adapters, options)
         if resume_path is not None:
             resume(resume_path, adapters, trainer)
@@ -132,7 +149,8 @@ def train(
         guider.set_conds(positive)  # what the guider prepares with; each step's come from the loop's conditioner
         try:
             with (
-                attached(modules, adapters),
+                recomputed_in_backward(casting_layers(patchers)) if bypass else contextlib.nullcontext(),
+                attached(modules, adapters, bypass=bypass, weight_of=dequantized_weight),
                 training_mode(),
                 checkpointed_blocks(diffusion) if options.gradient_checkpointing else contextlib.nullcontext(),
                 norms_on_copies(te.cond_stage_model) if text is not None else contextlib.nullcontext(),
@@ -153,6 +171,17 @@ def train(
         tensors = module_tensors(adapters)
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, tensors, 1.0, 1.0)  # as Apply TLoRA does
     return TrainResult(new_model, new_clip, tensors, list(trainer.losses), saved, trainer.step)
+
+
+def casting_layers(patchers) -> list[torch.nn.Module]:
+    """The layers of the patchers' models whose forward casts their weight at each call (ComfyUI's
+    ``comfy_cast_weights``: fp8 or quantized weights, or weights left in system memory)."""
+    return [
+        m
+        for patcher in patchers
+        for m in patcher.model.modules()
+        if getattr(m, "comfy_cast_weights", False) and getattr(m, "weight", None) is not None
+    ]
 
 
 def option_input(f: dataclasses.Field) -> io.Input:

@@ -79,6 +79,7 @@ def test_every_option_reaches_the_command_line():
         "overwrite": True,
         "preview_every": 5,
         "weight_decay": 0.01,
+        "bypass_mode": True,
     }
     on_cli = [f for f in dataclasses.fields(TrainingOptions) if f.metadata["cli"] != ""]
     assert sorted(changed) == sorted(f.name for f in on_cli)  # a new option must be added here too

@@ -91,6 +91,11 @@ class TrainingOptions:
     batched_factors: bool | None = option(
         None, "Build same-shaped layers' factors in one batched pass (None: on CUDA).", cli="", node=False
     )
+    bypass_mode: bool = option(
+        False,
+        "Run the adapters around the frozen layers' own forward instead of merging them into the weights "
+        "(always on for fp8 or quantized base weights).",
+    )
 
     def __post_init__(self):
         problems = []

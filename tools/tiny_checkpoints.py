@@ -155,3 +155,25 @@ def build_sdxl_unet(device: str, seed: int = 0, dtype: torch.dtype = torch.float
     unet = UNetModel(**SDXL_UNET_CONFIG, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
     init_weights_(unet, torch.Generator(device).manual_seed(seed))
     return unet.state_dict()
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+
+
+def scaled_fp8(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``state_dict`` as a "scaled fp8" checkpoint of the kind both tested ComfyUI versions read
+    (``<prefix>scaled_fp8`` marks it): every 2-D weight under ``prefix`` (the Linear layers)
+    stored in float8_e4m3fn as ``w / s`` with a per-tensor ``.scale_weight`` ``s = max|w| / 448``
+    (and ``.scale_input`` 1: inputs unscaled); everything else unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key.endswith(".weight") and value.ndim == 2:
+            scale = value.float().abs().max().clamp(min=1e-12) / FP8_MAX
+            out[key] = (value.float() / scale).to(FP8)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+            out[key[: -len("weight")] + "scale_input"] = torch.ones(())
+        else:
+            out[key] = value
+    out[prefix + "scaled_fp8"] = torch.empty(0, dtype=FP8)
+    return out
