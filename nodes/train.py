@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.sd
 import comfy_extras.nodes_custom_sampler
 import torch
@@ -21,6 +22,7 @@ from comfy_api.latest import io
 
 from ..tlora.dataset import per_image
 from ..tlora.format import module_tensors
+from ..tlora.memory import MemoryEstimate, estimate, gib
 from ..tlora.model import (
     attached,
     checkpointed_blocks,
@@ -97,10 +99,6 @@ def train(
     te = clip.clone() if has_text else None
     with torch.inference_mode(False), torch.enable_grad():
         patchers = [mp, te.patcher] if text_groups else [mp]  # a frozen text encoder only encodes, once
-        comfy.model_management.load_models_gpu(patchers, memory_required=1e20, force_full_load=True)
-        for patcher in patchers:
-            release_inference_tensors(patcher.model)
-            patcher.model.requires_grad_(False)
         diffusion = mp.model.diffusion_model
         unet_groups = [t for t in options.target_groups if t not in TEXT_ENCODER_GROUPS]
         selected = select_modules(diffusion, unet_groups, architecture=architecture_names(model))
@@ -114,15 +112,27 @@ def train(
             raise ValueError(
                 f"no layer of this {architecture_of(model)} model matches the targets {list(options.target_groups)}"
             )
-        quantized = sorted(n for n, m in modules.items() if not is_plain_weight(m.weight))
-        bypass = options.bypass_mode or bool(quantized)
-        if quantized:
-            log.info(
-                "%d layers have fp8 or quantized weights (e.g. %s): training in bypass mode",
-                len(quantized),
-                quantized[0],
-            )
         device = mp.load_device
+        need = run_memory(mp, patchers, modules, samples, options)
+        check_memory(need, device)
+        budget = WeightBudget(need.floor, options.max_weight_memory)
+        comfy.model_management.load_models_gpu(patchers, memory_required=need.floor, force_full_load=False)
+        offloaded = budget.fit(mp)
+        mp.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "tlora.train", budget.wrapper)
+        for patcher in patchers:
+            release_inference_tensors(patcher.model)
+            patcher.model.requires_grad_(False)
+        quantized = sorted(n for n, m in modules.items() if not is_plain_weight(m.weight))
+        bypass = options.bypass_mode or bool(quantized) or offloaded
+        if quantized:
+            log.info("%d layers have fp8 or quantized weights (e.g. %s): bypass mode", len(quantized), quantized[0])
+        if offloaded:
+            log.info(
+                "%s of %s of model weights on %s, the rest streamed from system memory at each step: bypass mode",
+                gib(mp.loaded_size()),
+                gib(mp.model_size()),
+                device,
+            )
         adapters = make_adapters(
             modules,
             options.method,
@@ -149,7 +159,7 @@ def train(
         guider.set_conds(positive)  # what the guider prepares with; each step's come from the loop's conditioner
         try:
             with (
-                recomputed_in_backward(casting_layers(patchers)) if bypass else contextlib.nullcontext(),
+                recomputed_in_backward(casting_layers(patchers), when=casts) if bypass else contextlib.nullcontext(),
                 attached(modules, adapters, bypass=bypass, weight_of=dequantized_weight),
                 training_mode(),
                 checkpointed_blocks(diffusion) if options.gradient_checkpointing else contextlib.nullcontext(),
@@ -165,6 +175,13 @@ def train(
             raise
         except NonFiniteLossError as err:
             raise ValueError(files.stopped_message(err)) from None
+        except torch.OutOfMemoryError:
+            saved = files.save(interrupted=True)
+            raise ValueError(
+                f"out of memory on {device} at step {trainer.step}{f' (saved to {saved})' if saved else ''}; the run "
+                f"was estimated at {gib(need.floor)} with weights offloaded ({need.describe()}). "
+                f"{MEMORY_ADVICE}"
+            ) from None
         for adapter in adapters.values():
             adapter.requires_grad_(False)
         saved = files.save()
@@ -173,15 +190,87 @@ def train(
     return TrainResult(new_model, new_clip, tensors, list(trainer.losses), saved, trainer.step)
 
 
+MEMORY_ADVICE = "Enable gradient_checkpointing, lower batch_size or the image size, or adapt fewer layers (targets)."
+
+
+def casts(module: torch.nn.Module) -> bool:
+    """Whether ComfyUI casts this layer's weight at each call (``comfy_cast_weights``: fp8 or
+    quantized weights, or weights left in system memory)."""
+    return bool(getattr(module, "comfy_cast_weights", False))
+
+
 def casting_layers(patchers) -> list[torch.nn.Module]:
-    """The layers of the patchers' models whose forward casts their weight at each call (ComfyUI's
-    ``comfy_cast_weights``: fp8 or quantized weights, or weights left in system memory)."""
+    """The layers of the patchers' models that ComfyUI can cast at each call (its ops, with a weight)."""
     return [
         m
         for patcher in patchers
         for m in patcher.model.modules()
-        if getattr(m, "comfy_cast_weights", False) and getattr(m, "weight", None) is not None
+        if hasattr(m, "comfy_cast_weights") and getattr(m, "weight", None) is not None
     ]
+
+
+def run_memory(mp, patchers, modules: dict, samples: torch.Tensor, options: TrainingOptions) -> MemoryEstimate:
+    """The run's device memory (:mod:`tlora.memory`), activations from ComfyUI's own estimate for one
+    forward of a micro-batch."""
+    shape = [min(options.batch_size, samples.shape[0]), *samples.shape[1:]]
+    return estimate(
+        options.method,
+        [tuple(m.weight.shape) for m in modules.values()],
+        options.adapter_options,
+        weights=sum(patcher.model_size() for patcher in patchers),
+        largest_layer=4 * max(p.numel() for patcher in patchers for p in patcher.model.parameters()),
+        inference_activations=mp.memory_required(shape),
+        gradient_checkpointing=options.gradient_checkpointing,
+    )
+
+
+def check_memory(need: MemoryEstimate, device) -> None:
+    """Refuse a run the device cannot hold even with every weight offloaded (on the CPU, weights
+    included), naming the figure; else log it."""
+    on_cpu = comfy.model_management.is_device_cpu(device)
+    required = need.full if on_cpu else need.floor
+    total = comfy.model_management.get_total_memory(device)
+    if required > total:
+        where = "" if on_cpu else " even with every model weight in system memory"
+        raise ValueError(
+            f"this run needs about {gib(required)} on {device}{where} ({need.describe()}), and {device} has "
+            f"{gib(total)}. {MEMORY_ADVICE}"
+        )
+    log.info(
+        "training memory on %s: about %s with every weight on it, %s with weights offloaded (%s)",
+        device,
+        gib(need.full),
+        gib(need.floor),
+        need.describe(),
+    )
+
+
+@dataclass
+class WeightBudget:
+    """How many model weights stay on the device: all that fit beside ``reserve`` bytes (the run's
+    own memory), and at most ``limit_gib`` when set (0: no limit). The rest stays in system memory
+    (ComfyUI's partial loading: those layers copy their weight in at each use)."""
+
+    reserve: int
+    limit_gib: float
+
+    def fit(self, patcher) -> bool:
+        """Unload weights of a loaded ``patcher`` beyond the budget; whether any are offloaded."""
+        device = patcher.load_device
+        excess = patcher.loaded_size() - int(self.limit_gib * 2**30) if self.limit_gib else 0
+        if not comfy.model_management.is_device_cpu(device):
+            excess = max(excess, self.reserve - comfy.model_management.get_free_memory(device))
+        if excess > 0:
+            patcher.partially_unload(patcher.offload_device, excess)
+        return patcher.loaded_size() < patcher.model_size()
+
+    def wrapper(self, executor, patcher, *args, **kwargs):
+        """ComfyUI's sampler loads the model again for inference (more weights than training leaves
+        room for): back to the budget after it."""
+        prepared = executor(patcher, *args, **kwargs)
+        self.fit(patcher)
+        release_inference_tensors(patcher.model)
+        return prepared
 
 
 def option_input(f: dataclasses.Field) -> io.Input:

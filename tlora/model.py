@@ -199,23 +199,28 @@ class _RecomputedInBackward(torch.autograd.Function):
         return leaf.grad, None
 
 
-def recomputed_in_backward(modules: Iterable[nn.Module]) -> swapped_forwards:
+def recomputed_in_backward(
+    modules: Iterable[nn.Module], when: Callable[[nn.Module], bool] | None = None
+) -> swapped_forwards:
     """Inside the block each module (one tensor in, one out: Linear, Conv, norms) keeps nothing
-    for backward but its input and runs again there. For layers whose forward casts a weight
-    (fp8 to bf16, or streamed from system memory): autograd would keep every cast copy until
+    for backward but its input and runs again there; with ``when``, only the calls where
+    ``when(module)`` holds (checked at each call). For layers whose forward casts a weight (fp8
+    to bf16, or streamed from system memory): autograd would keep every cast copy until
     backward, as much memory as an unquantized model on the device, or a copy in a buffer the
-    host reuses for the next layer. Costs one more forward of each such layer per step. The
-    layers are frozen: only the input's gradient is computed."""
+    host reuses for the next layer. Costs one more forward of each such layer per step. Only
+    the input's gradient is computed (the layers are frozen)."""
 
-    def recomputed(forward: Callable) -> Callable:
+    def recomputed(module: nn.Module) -> Callable:
+        forward = module.forward
+
         def run(x: Tensor, *args, **kwargs) -> Tensor:
-            if not (torch.is_grad_enabled() and x.requires_grad):
+            if not (torch.is_grad_enabled() and x.requires_grad) or (when is not None and not when(module)):
                 return forward(x, *args, **kwargs)
             return _RecomputedInBackward.apply(x, lambda u: forward(u, *args, **kwargs))
 
         return run
 
-    return swapped_forwards({m: recomputed(m.forward) for m in modules})
+    return swapped_forwards({m: recomputed(m) for m in modules})
 
 
 def norms_on_copies(model: nn.Module) -> swapped_forwards:

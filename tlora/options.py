@@ -94,7 +94,15 @@ class TrainingOptions:
     bypass_mode: bool = option(
         False,
         "Run the adapters around the frozen layers' own forward instead of merging them into the weights "
-        "(always on for fp8 or quantized base weights).",
+        "(always on for fp8 or quantized base weights, and when weights are offloaded).",
+    )
+    max_weight_memory: float = option(
+        0.0,
+        "GiB of model weights kept on the GPU; the rest stays in system memory and is copied in at each use "
+        "(slower; for models larger than the GPU). 0: as many as fit beside the run.",
+        min=0.0,
+        max=4096.0,
+        step=0.5,
     )
 
     def __post_init__(self):

@@ -139,3 +139,62 @@ def test_fp8_base_trains_in_bypass_and_the_file_applies_to_bf16_alike(source, ki
         # TLoRA starts at the identity: a change of the output is the parameters having moved.
         assert relative_error(adapted, base) > 0.1, f"{label}: the trained adapter hardly changes the output"
     assert relative_error(effects["fp8"], effects["bf16"]) < FP8_TOLERANCE
+
+
+# -- training with offloading ---------------------------------------------------------------------------------
+
+
+def sd15_run(tiny_sd15, **options):
+    (positive,) = importlib.import_module("nodes").CLIPTextEncode().encode(tiny_sd15.clip, "a photo of sks toy")
+    latents = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    training = pack("tlora.options").TrainingOptions(**{"steps": 3, "learning_rate": 1e-2, **options})
+    return pack("nodes.train").train(tiny_sd15.model, latents, training, positive=positive)
+
+
+def assert_same_adapter(a, b, atol: float = 1e-5):
+    assert a.tensors.keys() == b.tensors.keys()
+    for key in a.tensors:
+        torch.testing.assert_close(a.tensors[key].float(), b.tensors[key].float(), atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("method", "checkpointing"), [("tlora", False), ("soda", True)])
+def test_a_partial_load_trains_the_same_adapter_as_a_full_load(tiny_sd15, method, checkpointing):
+    """max_weight_memory far below the model's size: ComfyUI keeps most layers in system memory and casts them in
+    at each call (on this CPU host the same copy, through the same code), for the whole run."""
+    casting = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, _: casting.append(m.comfy_cast_weights))
+        for m in tiny_sd15.model.model.diffusion_model.modules()
+        if hasattr(m, "comfy_cast_weights") and getattr(m, "weight", None) is not None
+    ]
+    try:
+        full = sd15_run(tiny_sd15, method=method, gradient_checkpointing=checkpointing)
+        assert casting and not any(casting)
+        casting.clear()
+        partial = sd15_run(tiny_sd15, method=method, gradient_checkpointing=checkpointing, max_weight_memory=0.02)
+        assert sum(casting) > 0.9 * len(casting), "the partial load did not hold through training"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert full.losses == pytest.approx(partial.losses, rel=1e-5)
+    assert_same_adapter(full, partial)
+    assert not all(torch.equal(t, torch.zeros_like(t)) for t in partial.tensors.values())
+
+
+def test_the_bypass_option_trains_the_same_adapter_on_a_plain_model(tiny_sd15):
+    assert_same_adapter(sd15_run(tiny_sd15, method="lora"), sd15_run(tiny_sd15, method="lora", bypass_mode=True))
+
+
+def test_a_run_no_offloading_can_fit_is_refused_before_loading(tiny_sd15, comfy):
+    """A latent batch of 8192² (zero-stride: no memory) needs more activations than this machine has."""
+    from comfy import model_management
+
+    (positive,) = importlib.import_module("nodes").CLIPTextEncode().encode(tiny_sd15.clip, "a photo")
+    model_management.unload_all_models()
+    huge = {"samples": torch.zeros(1, 4, 1, 1).expand(1, 4, 8192, 8192)}
+    options = pack("tlora.options").TrainingOptions(steps=1, output_name="big/refused")
+    output = comfy.dirs.loras / "big" / "refused.safetensors"
+    with pytest.raises(ValueError, match=r"this run needs about [\d.]+ GiB on cpu \(activations ≈ [\d.]+ GiB.*") as err:
+        pack("nodes.train").train(tiny_sd15.model, huge, options, positive=positive, output=output)
+    assert "gradient_checkpointing" in str(err.value) and not output.exists()
+    assert not model_management.current_loaded_models, "refused after loading the model"
