@@ -12,8 +12,8 @@ The parts (bytes):
   forward of the batch (:data:`ACTIVATION_FACTOR`; ComfyUI calibrates that estimate per model family).
 
 :attr:`MemoryEstimate.floor` is what no offloading removes: a run whose floor exceeds the device's
-memory cannot start. The factors are rough (from published training reports: SD1.5 LoRA training at
-512² and Flux's at 1024², batch 1): the estimate names an order of magnitude, not a peak.
+memory cannot start. The factors are rough (set from typical SD1.5 LoRA training at 512² and Flux's at
+1024², batch 1; not yet measured on a GPU here): the estimate names an order of magnitude, not a peak.
 """
 
 from __future__ import annotations
