@@ -12,7 +12,7 @@ import comfy.sd
 import comfy.utils
 import torch
 
-from ..tlora.dataset import load_images
+from ..tlora.dataset import bucket_table, load_buckets, load_images
 from ..tlora.options import TrainingOptions
 from .train import train
 
@@ -21,18 +21,26 @@ def run(args: argparse.Namespace, options: TrainingOptions) -> int:
     output = Path(options.output_name)
     if output.suffix != ".safetensors":
         output = output.with_suffix(".safetensors")
-    pixels, captions = load_images(args.images, args.size, args.caption)
+    if args.bucket_resolution and args.size:
+        raise ValueError("give --size (one size, cropped) or --bucket-resolution (buckets), not both")
+    if args.bucket_resolution:
+        buckets = load_buckets(args.images, args.bucket_resolution, args.bucket_step, args.caption)
+        print(bucket_table([b.size for b in buckets], [len(b.names) for b in buckets]))
+        batches, captions = [b.pixels for b in buckets], [c for b in buckets for c in b.captions]
+    else:
+        pixels, captions = load_images(args.images, args.size, args.caption)
+        batches = [pixels]
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True, output_clip=True)
     if clip is None or vae is None:
         raise ValueError(f"{args.checkpoint.name} has no text encoder or VAE: the trainer needs both to read images")
     with torch.no_grad():
-        latents = vae.encode(pixels)
+        latents = [{"samples": vae.encode(pixels)} for pixels in batches]
     comfy.utils.set_progress_bar_global_hook(
         lambda value, total, preview=None, node_id=None: print(f"\rstep {value}/{total}", end="", file=sys.stderr)
     )
     result = train(
         model,
-        {"samples": latents},
+        latents,
         options,
         clip=clip,
         captions=captions,

@@ -20,7 +20,7 @@ import comfy_extras.nodes_custom_sampler
 import torch
 from comfy_api.latest import io
 
-from ..tlora.dataset import per_image
+from ..tlora.dataset import bucket_table, group_by_shape, per_image
 from ..tlora.format import module_tensors
 from ..tlora.memory import MemoryEstimate, estimate, gib
 from ..tlora.model import (
@@ -58,7 +58,7 @@ class TrainResult:
 
 def train(
     model,
-    latents: dict,
+    latents: dict | list,
     options: TrainingOptions,
     *,
     positive: list | None = None,
@@ -71,12 +71,12 @@ def train(
 ) -> TrainResult:
     """Train adapters on ``model`` (a ComfyUI MODEL; ``clip`` too when the targets name
     text-encoder groups), save them to ``output`` (None: keep them in memory only) and return
-    the patched model and more. The text comes as ``positive`` conditioning, or as ``captions``
-    encoded by ``clip`` (needed to train the text encoder)."""
-    samples = latents["samples"] if isinstance(latents, dict) else latents
-    if samples is None or samples.ndim < 4 or samples.shape[0] == 0:
-        raise ValueError("no training images: connect latents of at least one image (VAE Encode your images)")
-    count = samples.shape[0]
+    the patched model and more. ``latents``: a LATENT, or a list of them of any sizes (aspect-ratio
+    buckets, videos of other frame counts): grouped by shape, each micro-batch from one group. The
+    text comes as ``positive`` conditioning, or as ``captions`` encoded by ``clip`` (needed to train
+    the text encoder), one for all images or one per image in the order of ``latents``."""
+    batches = latent_batches(latents)
+    count = sum(b.shape[0] for b in batches)
     text_groups = [t for t in options.target_groups if t in TEXT_ENCODER_GROUPS]
     has_text = clip is not None and bool(captions)
     if text_groups and not has_text:
@@ -86,10 +86,14 @@ def train(
         )
     if not has_text and not positive:
         raise ValueError("no captions: connect positive conditioning, or clip + captions")
+    buckets, order = group_by_shape(batches)
     if has_text:
-        captions = per_image(captions, count, "captions")
+        captions = [per_image(captions, count, "captions")[i] for i in order]
     else:
-        positive = per_image(positive, count, "conditionings")
+        positive = [per_image(positive, count, "conditionings")[i] for i in order]
+    if len(buckets) > 1:
+        log.info("training on %s", bucket_table([tuple(b.shape[1:]) for b in buckets], [len(b) for b in buckets]))
+    samples = max(buckets, key=lambda b: b[0].numel())  # the largest: what the sampler and the estimate size for
     if output is not None and output.exists() and not options.overwrite and output != resume_path:
         raise ValueError(
             f"{output.name} already exists in {output.parent}: choose another output name or enable overwrite"
@@ -154,7 +158,7 @@ def train(
                 positive = [e for t in first for e in te.encode_from_tokens_scheduled(t, show_pbar=False)]
             text = (te, tokens) if text_groups else None
         files = RunFiles(trainer, adapters, metadata, output)
-        loop = TrainingLoop(files, positive, text, node_id, preview_vae)
+        loop = TrainingLoop(files, positive, text, node_id, preview_vae, buckets=buckets if len(buckets) > 1 else None)
         guider = comfy_extras.nodes_custom_sampler.Guider_Basic(mp)
         guider.set_conds(positive)  # what the guider prepares with; each step's come from the loop's conditioner
         try:
@@ -188,6 +192,15 @@ def train(
         tensors = module_tensors(adapters)
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, tensors, 1.0, 1.0)  # as Apply TLoRA does
     return TrainResult(new_model, new_clip, tensors, list(trainer.losses), saved, trainer.step)
+
+
+def latent_batches(latents) -> list[torch.Tensor]:
+    """The latent batches of a LATENT or a list of them (what ComfyUI hands a list input)."""
+    items = latents if isinstance(latents, list) else [latents]
+    batches = [item["samples"] if isinstance(item, dict) else item for item in items]
+    if not batches or any(b is None or b.ndim < 4 for b in batches) or not sum(b.shape[0] for b in batches):
+        raise ValueError("no training images: connect latents of at least one image (VAE Encode your images)")
+    return [b.detach() for b in batches if b.shape[0]]
 
 
 MEMORY_ADVICE = "Enable gradient_checkpointing, lower batch_size or the image size, or adapt fewer layers (targets)."
@@ -306,7 +319,11 @@ class TrainTLoRA(io.ComfyNode):
             "what was trained.",
             inputs=[
                 io.Model.Input("model"),
-                io.Latent.Input("latents", tooltip="VAE-encoded training images (one batch)."),
+                io.Latent.Input(
+                    "latents",
+                    tooltip="VAE-encoded training images: one batch, or one per aspect-ratio bucket (Load Training "
+                    "Images' buckets through VAE Encode); each micro-batch comes from one size.",
+                ),
                 io.Conditioning.Input(
                     "positive",
                     optional=True,
@@ -332,18 +349,25 @@ class TrainTLoRA(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
+            is_input_list=True,  # every input comes as a list: latents (and captions) one item per bucket
         )
 
     @classmethod
-    def validate_inputs(cls, resume_from=RESUME_NONE) -> bool | str:
+    def validate_inputs(cls, resume_from=(RESUME_NONE,)) -> bool | str:
+        resume_from = resume_from[0]
         return resume_from == RESUME_NONE or adapter_file_problem(resume_from) or True
 
     @classmethod
     def execute(cls, model, latents, positive=None, clip=None, captions=None, preview_vae=None, **values):
+        """Each argument is a list (``is_input_list``): latents and captions one item per bucket,
+        conditionings laid end to end, every other input its first item."""
+        model, clip, preview_vae = (None if not v else v[0] for v in (model, clip, preview_vae))
+        values = {name: value[0] for name, value in values.items()}
+        positive = [entry for conditioning in positive for entry in conditioning] if positive else None
         resume_from = values.get("resume_from", RESUME_NONE)
         values["resume_from"] = NO_RESUME if resume_from == RESUME_NONE else resume_from
         options = TrainingOptions(**values)
-        lines = [line.strip() for line in (captions or "").splitlines() if line.strip()]
+        lines = [line.strip() for text in captions or [] for line in text.splitlines() if line.strip()]
         result = train(
             model,
             latents,

@@ -44,6 +44,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint ComfyUI loads (SD1.5, SDXL, …)")
     data.add_argument("--images", required=True, type=Path, help="folder of images with a caption .txt beside each")
     data.add_argument("--size", type=parse_size, help="center-crop and resize every image to WxH")
+    data.add_argument(
+        "--bucket-resolution",
+        type=int,
+        default=0,
+        help="aspect-ratio buckets of about this² pixels (e.g. 512, 1024) instead of one size (default: off)",
+    )
+    data.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default: 64)")
     data.add_argument("--caption", help="caption for images without a .txt file")
     options.add_arguments(parser)
 

@@ -198,3 +198,57 @@ def test_a_run_no_offloading_can_fit_is_refused_before_loading(tiny_sd15, comfy)
         pack("nodes.train").train(tiny_sd15.model, huge, options, positive=positive, output=output)
     assert "gradient_checkpointing" in str(err.value) and not output.exists()
     assert not model_management.current_loaded_models, "refused after loading the model"
+
+
+# -- aspect-ratio buckets -------------------------------------------------------------------------------------
+
+
+def test_three_aspect_ratios_train_in_buckets_one_bucket_a_batch(comfy, tiny_sd15):
+    """Load Training Images buckets a square, a wide and a tall pair of images whole (each image to the bucket of
+    its own aspect ratio); through VAE Encode (once per bucket, as ComfyUI runs a list) into Train TLoRA, every
+    micro-batch holds images of one bucket, each with its own conditioning."""
+    import numpy as np
+    from PIL import Image
+
+    folder = comfy.dirs.input / "buckets_three"
+    folder.mkdir(exist_ok=True)
+    sizes = {"square": (96, 96), "wide": (150, 90), "tall": (90, 150)}
+    for kind, (w, h) in sizes.items():
+        for i in range(2):
+            pixels = np.random.default_rng(len(kind) + i).integers(0, 255, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{kind}{i}.png")
+    images, captions = pack("nodes.dataset").LoadTrainingImages.execute("buckets_three", 0, 0, "a photo", 64, 16).args
+    assert captions == ["a photo\na photo"] * 3
+    assert [tuple(p.shape[1:3]) for p in images] == [(80, 48), (64, 64), (48, 80)]  # (H, W): tall, square, wide
+    encode = importlib.import_module("nodes").VAEEncode().encode
+    latents = [encode(tiny_sd15.vae, pixels)[0] for pixels in images]
+    assert [tuple(latent["samples"].shape) for latent in latents] == [(2, 4, 10, 6), (2, 4, 8, 8), (2, 4, 6, 10)]
+
+    # One latent per image, interleaved (Train TLoRA regroups them); image i's conditioning is filled with i, so
+    # the model's context tells which images a batch holds.
+    latents = [{"samples": latent["samples"][j : j + 1]} for j in range(2) for latent in latents]
+    shapes = [tuple(latent["samples"].shape[2:]) for latent in latents]
+    positive = [[[torch.full((1, 77, 768), float(i)), {}]] for i in range(6)]
+    seen = []
+
+    def record(module, args, kwargs):
+        context, x = kwargs["context"], args[0]
+        seen.append((tuple(x.shape[2:]), [int(context[j, 0, 0].round()) for j in range(x.shape[0])]))
+
+    train_node = pack("nodes.train")
+    options = pack("tlora.options").TrainingOptions(
+        method="lora", steps=8, batch_size=2, learning_rate=1e-2, output_name="big/buckets", overwrite=True
+    )
+    values = {f.name: [getattr(options, f.name)] for f in train_node.NODE_OPTIONS}
+    values["resume_from"] = [train_node.RESUME_NONE]
+    hook = tiny_sd15.model.model.diffusion_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        output = train_node.TrainTLoRA.execute(model=[tiny_sd15.model], latents=latents, positive=positive, **values)
+    finally:
+        hook.remove()
+    tensors = output.args[1]
+    assert len(seen) == 8 and {shape for shape, _ in seen} == set(shapes)
+    for shape, images_in_batch in seen:
+        assert len(images_in_batch) == 2 and all(shapes[i] == shape for i in images_in_batch), (shape, images_in_batch)
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert ups and all(t.abs().max() > 0 for t in ups)  # LoRA's up starts at zero: the parameters moved
