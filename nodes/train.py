@@ -135,6 +135,7 @@ def train(
                 attached(modules, adapters),
                 training_mode(),
                 checkpointed_blocks(diffusion) if options.gradient_checkpointing else contextlib.nullcontext(),
+                norms_on_copies(diffusion),  # Flux adds residuals in place after its norms read them
                 norms_on_copies(te.cond_stage_model) if text is not None else contextlib.nullcontext(),
             ):
                 dummy_sigmas = torch.arange(count)  # carries the dataset size, as ComfyUI's trainer does
