@@ -20,6 +20,8 @@ LOOPBACK = "127.0.0.1"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 PACK_DIR_NAME = "comfyui-tlora"
 IMPORT_ERRORS = ("Cannot import", "IMPORT FAILED", "Error while calling comfy_entrypoint", "Skip ")
+# ComfyUI's model folders the server reads from ``models`` (each a subfolder of the same name).
+MODEL_FOLDERS = ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae")
 
 
 class ComfyServerError(RuntimeError):
@@ -36,7 +38,7 @@ class ComfyServer:
     """``main.py --cpu`` on a loopback port; custom nodes limited to this pack (symlinked from a tmp dir).
 
     Layout under ``base``: ``custom_nodes/<pack>`` -> repo root, ``input/ output/ temp/ user/``,
-    ``extra_model_paths.yaml`` and ``server.log``. ``models`` holds ``checkpoints/`` and ``loras/``.
+    ``extra_model_paths.yaml`` and ``server.log``. ``models`` holds one folder per ``MODEL_FOLDERS`` entry.
     """
 
     def __init__(self, comfy_path: Path, pack_root: Path, base: Path, models: Path, python: str = sys.executable):
@@ -50,7 +52,8 @@ class ComfyServer:
         self.input_dir, self.output_dir = self.base / "input", self.base / "output"
         self.temp_root, self.user_dir = self.base / "temp", self.base / "user"
         self.temp_dir = self.temp_root / "temp"  # main.py appends "temp" to --temp-directory
-        self.checkpoints_dir, self.loras_dir = Path(models) / "checkpoints", Path(models) / "loras"
+        self.model_dirs = {name: Path(models) / name for name in MODEL_FOLDERS}
+        self.checkpoints_dir, self.loras_dir = self.model_dirs["checkpoints"], self.model_dirs["loras"]
         self.log_path = self.base / "server.log"
         self._object_info: dict | None = None
 
@@ -72,9 +75,9 @@ class ComfyServer:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     def _write_config(self) -> Path:
-        for d in (self.input_dir, self.output_dir, self.temp_root, self.user_dir, self.checkpoints_dir, self.loras_dir):
+        for d in (self.input_dir, self.output_dir, self.temp_root, self.user_dir, *self.model_dirs.values()):
             d.mkdir(parents=True, exist_ok=True)
-        paths = {"checkpoints": self.checkpoints_dir, "loras": self.loras_dir}
+        paths = dict(self.model_dirs)
         if self.custom_nodes_dir is not None:
             self.custom_nodes_dir.mkdir(parents=True, exist_ok=True)
             link = self.custom_nodes_dir / self.pack_dir_name

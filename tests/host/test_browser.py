@@ -47,7 +47,7 @@ def test_pack_javascript_loads_without_errors(page):
     assert page.pack_errors() == []
 
 
-@pytest.mark.parametrize("name", ["apply_tlora", "train_tlora"])
+@pytest.mark.parametrize("name", ["apply_tlora", "train_tlora", "train_tlora_sd35"])
 def test_example_workflow_opens_from_the_template_browser(page, comfy_server, name):
     page.open_template(comfy_server.pack_dir_name, name)
     assert set(page.node_types()) == example_node_types(name)

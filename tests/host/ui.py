@@ -204,6 +204,22 @@ def tiny_train_widgets(checkpoint: str, steps: int, output_name: str, preview_ev
     }
 
 
+def tiny_sd35_widgets(
+    unet: str, clip: str, vae: str, steps: int, output_name: str, preview_every: int = 0
+) -> dict[str, dict]:
+    """train_tlora_sd35.json's widgets for a short run at 64 px on the tiny SD3.5 model, CLIP-L and VAE files."""
+    train = {"steps": steps, "save_every": 0, "output_name": output_name, "overwrite": True}
+    return {
+        "UNETLoader": {"unet_name": unet},
+        "CLIPLoader": {"clip_name": clip},
+        "VAELoader": {"vae_name": vae},
+        "TLoRALoadTrainingImages": {"width": 64, "height": 64},
+        "TLoRATrain": {**train, "preview_every": preview_every},
+        "EmptySD3LatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+    }
+
+
 def chart_state(page: ComfyPage) -> dict:
     """The Train TLoRA node's loss chart: its points, status line, and how many of its canvas pixels are
     drawn in the curve's colors (``smooth``: the orange EMA line, ``raw``: the blue points)."""
