@@ -54,13 +54,27 @@ def txt2img() -> dict:
 
 
 def test_server_loads_only_this_pack(comfy_server):
-    log = comfy_server.log()
-    # Only the import-times block: prompts other test modules ran log "Prompt executed in … seconds" after it.
-    imported = [
-        ln for ln in log.split("Import times for custom nodes:")[-1].split("\n\n")[0].splitlines() if ln.strip()
-    ]
+    imported = comfy_server.imported_custom_nodes()
     assert len(imported) == 1 and imported[0].endswith(f": {comfy_server.pack_path}"), imported
     assert comfy_server.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("tag", ["", "\x1b[32m[INFO]\x1b[0m ", "\x1b[1m\x1b[33m[WARNING]\x1b[0m "])
+def test_log_parser_reads_plain_and_tagged_lines(tmp_path, tag):
+    """0.3.64 logs plain lines, 0.33 coloured ones with a level tag: both give the same import-times block."""
+    from .server import ComfyServer
+
+    server = ComfyServer(tmp_path / "ComfyUI", tmp_path / "pack", tmp_path / "server", tmp_path / "models")
+    pack, other = server.pack_path, tmp_path / "ComfyUI" / "custom_nodes" / "other"
+    lines = ["Import times for custom nodes:", f"   0.0 seconds: {other}", "", "Import times for custom nodes:"]
+    lines += [f"   0.1 seconds (IMPORT FAILED): {other}", f"   0.2 seconds: {pack}", "", "Starting server"]
+    server.log_path.parent.mkdir(parents=True)
+    server.log_path.write_text("".join(f"{tag}{line}\n" for line in lines))
+    assert server.imported_custom_nodes() == [f"   0.1 seconds (IMPORT FAILED): {other}", f"   0.2 seconds: {pack}"]
+    server.check_pack_imported()
+    server.log_path.write_text(server.log().replace(f"0.2 seconds: {pack}", f"0.2 seconds (IMPORT FAILED): {pack}"))
+    with pytest.raises(ComfyServerError, match="did not import cleanly"):
+        server.check_pack_imported()
 
 
 def test_server_nodes_match_in_process(comfy, comfy_server):
