@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,11 @@ PACK_DIR_NAME = "comfyui-tlora"
 IMPORT_ERRORS = ("Cannot import", "IMPORT FAILED", "Error while calling comfy_entrypoint", "Skip ")
 # ComfyUI's model folders the server reads from ``models`` (each a subfolder of the same name).
 MODEL_FOLDERS = ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae")
+IMPORT_TIMES = "Import times for custom nodes:"
+# Newer ComfyUI (0.33; 0.3.64 does not) colours its console lines and tags each with its level:
+# "\x1b[32m[INFO]\x1b[0m message".
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+LEVEL_TAG = re.compile(r"^\[(DEBUG|DETAIL|INFO|WARNING|ERROR|CRITICAL)\] ?")
 
 
 class ComfyServerError(RuntimeError):
@@ -150,11 +156,21 @@ class ComfyServer:
 
     def check_pack_imported(self) -> None:
         """The pack was imported without error: its line is in "Import times for custom nodes", not failed."""
-        log = self.log()
         path = str(self.pack_path)
-        bad = [ln for ln in log.splitlines() if path in ln and any(s in ln for s in IMPORT_ERRORS)]
-        if bad or not any(ln.rstrip().endswith(f": {path}") for ln in log.splitlines()):
+        bad = [ln for ln in self.log_lines() if path in ln and any(s in ln for s in IMPORT_ERRORS)]
+        if bad or not any(ln.endswith(f": {path}") for ln in self.imported_custom_nodes()):
             raise ComfyServerError(f"the pack at {path} did not import cleanly\n{self.log_tail(80)}")
+
+    def imported_custom_nodes(self) -> list[str]:
+        """The lines of the log's last "Import times for custom nodes:" block ("   0.1 seconds: <path>")."""
+        lines = self.log_lines()
+        starts = [i for i, ln in enumerate(lines) if ln.strip() == IMPORT_TIMES]
+        block = []
+        for ln in lines[starts[-1] + 1 :] if starts else []:
+            if not ln.strip():
+                break
+            block.append(ln)
+        return block
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -162,6 +178,10 @@ class ComfyServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[str]:
+        """The log's lines as plain messages: without colour codes or a leading level tag, trailing space stripped."""
+        return [LEVEL_TAG.sub("", ANSI_CODE.sub("", ln)).rstrip() for ln in self.log().splitlines()]
 
     def log_tail(self, lines: int = 40) -> str:
         return "--- server log tail ---\n" + "\n".join(self.log().splitlines()[-lines:])
