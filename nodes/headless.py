@@ -77,7 +77,8 @@ def run(args: argparse.Namespace, options: TrainingOptions, parallel: DataParall
                 print(f"error: {parallel.lost}", file=sys.stderr)
                 return 1
             parallel.wait_for_all()  # rank 0 has saved before anyone leaves
-            print(f"stopped: {stopped}", file=sys.stderr)
+            if world.is_main:
+                print(f"stopped: {stopped}", file=sys.stderr)
             return 130
     if world.is_main:
         print(f"trained {result.steps} steps on {len(captions)} images, final loss {result.losses[-1]:.4f}")

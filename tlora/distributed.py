@@ -185,8 +185,8 @@ class DataParallel:
         except RuntimeError as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             self.lost = (
-                f"rank {self.world.rank} lost the other ranks at exchange {self.exchanges} (a rank died, or hung "
-                f"for over {self.step_timeout:g} s): {reason}"
+                f"rank {self.world.rank} lost the other ranks in this run's step {self.exchanges} (a rank died, or "
+                f"hung for over {self.step_timeout:g} s): {reason}"
             )
             raise self.interrupt(self.lost) from err
         asked = [rank for rank, flag in enumerate(tail[1:]) if flag > 0]
