@@ -24,6 +24,7 @@ import torch
 from comfy_extras.nodes_train import make_batch_extra_option_dict
 
 from ..tlora.batched import prepared
+from ..tlora.distributed import World
 from ..tlora.model import bypassed
 from ..tlora.run import RunFiles
 from ..tlora.train import dco_loss, step_generator
@@ -104,14 +105,17 @@ class TrainingLoop:
         sampling = model_wrap.inner_model.model_sampling
         count, device, dtype = latents.shape[0], latents.device, cfg.torch_dtype
         batched = device.type == "cuda" if cfg.batched_factors is None else cfg.batched_factors
+        world = World.current()  # data parallel: all ranks draw the whole micro-batch, each trains its shard
 
         def loss(step: int, micro: int) -> torch.Tensor:
             gen = step_generator(cfg.seed, step, micro)
-            idx = torch.randperm(count, generator=gen)[: cfg.batch_size].tolist()
+            drawn = torch.randperm(count, generator=gen)[: cfg.batch_size * world.size].tolist()
+            mine, weight = world.shard(len(drawn)), world.shard_weight(len(drawn))
+            idx = drawn[mine]
             x0 = latents[idx].float()
-            percents = torch.rand(len(idx), generator=gen)
+            percents = torch.rand(len(drawn), generator=gen)[mine]
             sigma = torch.tensor([float(sampling.percent_to_sigma(p.item())) for p in percents], device=device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
+            noise = torch.randn((len(drawn), *x0.shape[1:]), generator=gen)[mine].to(device)
             xt = sampling.noise_scaling(sigma, noise, x0, False)
             c_out = sampling.calculate_denoised(sigma, torch.ones_like(xt), torch.zeros_like(xt))
             extra = make_batch_extra_option_dict(extra_args, idx, full_size=count)
@@ -128,10 +132,10 @@ class TrainingLoop:
 
             error = prediction_error(self.trainer.adapters.values())
             if cfg.loss == "mse":
-                return error.mean()
+                return error.mean() * weight
             with torch.no_grad(), bypassed(self.trainer.adapters.values()):
                 reference = prediction_error(())  # the base model: text encoder and UNet unadapted
-            return dco_loss(error, reference, cfg.dco_beta)
+            return dco_loss(error, reference, cfg.dco_beta) * weight
 
         return loss
 
@@ -171,9 +175,11 @@ class TrainingLoop:
         while not trainer.done:
             comfy.model_management.throw_exception_if_processing_interrupted()
             loss = trainer.train_step(micro_loss)
+            self.files.log_step(loss)
             eta = (time.perf_counter() - start) / (trainer.step - first) * (cfg.steps - trainer.step)
             preview = None
-            if cfg.preview_every and (trainer.step % cfg.preview_every == 0 or trainer.done):
+            due = cfg.preview_every and (trainer.step % cfg.preview_every == 0 or trainer.done)
+            if due and World.current().is_main:
                 preview = ("JPEG", self.preview(model_wrap, extra_args, latents, conditioner), 512)
             bar.update_absolute(trainer.step, cfg.steps, preview)
             send_progress(self.node_id, trainer.step, cfg.steps, loss, eta, preview is not None)

@@ -64,11 +64,14 @@ def train(
     resume_path: Path | None = None,
     node_id: str | None = None,
     preview_vae=None,
+    sync=None,
+    on_step=None,
 ) -> TrainResult:
     """Train adapters on ``model`` (a ComfyUI MODEL; ``clip`` too when the targets name
     text-encoder groups), save them to ``output`` (None: keep them in memory only) and return
     the patched model and more. The text comes as ``positive`` conditioning, or as ``captions``
-    encoded by ``clip`` (needed to train the text encoder)."""
+    encoded by ``clip`` (needed to train the text encoder). ``sync``: the trainer's per-step
+    exchange (tlora.distributed.DataParallel); ``on_step``: called with each step's StepRecord."""
     samples = latents["samples"] if isinstance(latents, dict) else latents
     if samples is None or samples.ndim < 4 or samples.shape[0] == 0:
         raise ValueError("no training images: connect latents of at least one image (VAE Encode your images)")
@@ -113,7 +116,7 @@ def train(
                 f"no layer of this {architecture_of(model)} model matches the targets {list(options.target_groups)}"
             )
         adapters = make_adapters(modules, options.method, seed=options.seed, **options.adapter_options)
-        trainer = Trainer(adapters, options)
+        trainer = Trainer(adapters, options, sync=sync)
         if resume_path is not None:
             resume(resume_path, adapters, trainer)
         if trainer.done:
@@ -126,7 +129,7 @@ def train(
                 first = tokens if not text_groups else tokens[:1]
                 positive = [e for t in first for e in te.encode_from_tokens_scheduled(t, show_pbar=False)]
             text = (te, tokens) if text_groups else None
-        files = RunFiles(trainer, adapters, metadata, output)
+        files = RunFiles(trainer, adapters, metadata, output, on_step)
         loop = TrainingLoop(files, positive, text, node_id, preview_vae)
         guider = comfy_extras.nodes_custom_sampler.Guider_Basic(mp)
         guider.set_conds(positive)  # what the guider prepares with; each step's come from the loop's conditioner
