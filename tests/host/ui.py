@@ -11,8 +11,12 @@ from pathlib import Path
 
 from .browser import Browser, BrowserError
 
+# What the frontend's public modules scripts/app.js and scripts/api.js export (their shims read these).
 APP = "window.comfyAPI.app.app"
 API = "window.comfyAPI.api.api"
+# Frontend 1.49 defines window.comfyAPI only once the bundle's chunk that holds the app has run, after the page
+# loaded (1.27: before): hence `?.` until the app is set up.
+APP_READY = f"window.comfyAPI?.app?.app?.graph && {APP}.extensionManager?.command && {APP}.vueAppReady"
 PACK_EXTENSIONS = ("comfyui-tlora.lossChart", "comfyui-tlora.adapterInfo")
 PACK_JS = "/extensions/comfyui-tlora/"
 # No first-run template dialog (the tests open it themselves), no minimap over the screenshots.
@@ -50,11 +54,7 @@ class ComfyPage:
         request.add_header("Content-Type", "application/json")
         urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30).close()
         self.browser.goto(self.url, timeout)
-        self.wait_for(
-            f"{APP}?.graph && {APP}.extensionManager?.command && {APP}.vueAppReady",
-            timeout,
-            what="the ComfyUI app to start",
-        )
+        self.wait_for(APP_READY, timeout, what="the ComfyUI app to start")
         self.wait_for(f"{APP}.extensions.some(e => e.name === {js(PACK_EXTENSIONS[-1])})", timeout, what="extensions")
         self.evaluate(RECORD_RUNS)
         return self
@@ -70,18 +70,28 @@ class ComfyPage:
             if entry["level"] in ("error", "exception") and (PACK_JS in entry["url"] or PACK_JS in entry["text"])
         ]
 
+    def click(self, element: str, timeout: float = 60.0, what: str | None = None) -> None:
+        """Click the element the JavaScript expression ``element`` finds, once it finds one: found and clicked in
+        one evaluation, as the dialogs re-render their lists while they load."""
+        self.wait_for(f"(e => (e?.click(), !!e))({element})", timeout, what=what or element)
+
     # -- workflows ------------------------------------------------------------------------------------------
 
     def open_template(self, module: str, name: str, timeout: float = 60.0) -> None:
         """Open the template browser (what its menu entries run), pick ``module``'s category and click ``name``."""
         self.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        category = f"document.querySelector('li[role=option][aria-label={js(module)}]')"
-        self.wait_for(f"!!{category}", timeout, what=f"template category {module}")
-        self.evaluate(f"{category}.click()")
-        card = f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')"
-        self.wait_for(f"!!{card}", timeout, what=f"template card {name}")
+        # The category list's entry: <li role=option aria-label=module> (frontend 1.27), <div role=button> (1.49).
+        category = (
+            "[...document.querySelectorAll('[role=option], [role=button]')]"
+            f".find(e => (e.getAttribute('aria-label') ?? e.textContent.trim()) === {js(module)})"
+        )
+        self.click(category, timeout, what=f"template category {module}")
         self.evaluate(f"{APP}.graph.extra.tloraTestStale = true")  # gone once the template replaced the graph
-        self.evaluate(f"{card}.click()")
+        self.click(
+            f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')",
+            timeout,
+            what=f"template card {name}",
+        )
         self.wait_for(
             f"!{APP}.graph.extra?.tloraTestStale && {APP}.graph.nodes.length > 0"
             " && !document.querySelector('[data-testid=template-workflows-content]')",
