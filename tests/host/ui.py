@@ -207,7 +207,7 @@ def tiny_train_widgets(checkpoint: str, steps: int, output_name: str, preview_ev
     train = {"steps": steps, "save_every": 0, "output_name": output_name, "overwrite": True}
     return {
         "CheckpointLoaderSimple": {"ckpt_name": checkpoint},
-        "LoadImageTextSetFromFolderNode": {"width": 64, "height": 64},
+        "TLoRALoadTrainingImages": {"width": 64, "height": 64},
         "TLoRATrain": {**train, "preview_every": preview_every},
         "EmptyLatentImage": {"width": 64, "height": 64},
         "KSampler": {"steps": 2},
