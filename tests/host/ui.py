@@ -19,8 +19,9 @@ API = "window.comfyAPI.api.api"
 APP_READY = f"window.comfyAPI?.app?.app?.graph && {APP}.extensionManager?.command && {APP}.vueAppReady"
 PACK_EXTENSIONS = ("comfyui-tlora.lossChart", "comfyui-tlora.adapterInfo")
 PACK_JS = "/extensions/comfyui-tlora/"
-# No first-run template dialog (the tests open it themselves), no minimap over the screenshots.
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+# No first-run template dialog (the tests open it themselves), no minimap over the screenshots, the classic
+# (canvas-drawn) node design even where a frontend would default to Nodes 2.0.
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.VueNodes.Enabled": False}
 # Records the server's execution events in the page: run() waits on them.
 RECORD_RUNS = f"""(() => {{
   window.tloraTestRuns = [];
@@ -77,7 +78,7 @@ class ComfyPage:
 
     # -- workflows ------------------------------------------------------------------------------------------
 
-    def open_template(self, module: str, name: str, timeout: float = 60.0) -> None:
+    def open_template(self, module: str, name: str, timeout: float = 120.0) -> None:
         """Open the template browser (what its menu entries run), pick ``module``'s category and click ``name``."""
         self.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
         # The category list's entry: <li role=option aria-label=module> (frontend 1.27), <div role=button> (1.49).
@@ -114,7 +115,8 @@ class ComfyPage:
         return f"{APP}.graph.nodes.find(n => n.type === {js(node_type)})"
 
     def set_widgets(self, values: dict[str, dict]) -> None:
-        """``{node type: {widget name: value}}`` on every node of each type; unknown names raise."""
+        """``{node type: {widget name: value}}`` on every node of each type, as the frontend sets a value a user
+        entered (then calls the widget's callback); unknown names raise."""
         missing = self.evaluate(
             f"""(() => {{
               const missing = [];
@@ -123,7 +125,10 @@ class ComfyPage:
                 for (const [name, value] of Object.entries(widgets)) {{
                   const found = nodes.map(n => n.widgets?.find(w => w.name === name)).filter(Boolean);
                   if (!found.length) missing.push(`${{type}}.${{name}}`);
-                  for (const w of found) w.value = value;
+                  for (const w of found) {{
+                    w.value = value;
+                    w.callback?.(w.value);
+                  }}
                 }}
               }}
               {APP}.graph.setDirtyCanvas(true, true);
