@@ -18,7 +18,7 @@ from bench.fuzz_files import METHODS, SCRATCH, fuzz_method, peak_rss_mb
 
 CASES = int(os.environ.get("TLORA_FUZZ_CASES", "1000"))
 MAX_PEAK_GROWTH_MB = 200  # over the whole fuzz of a method: a memory bomb costs gigabytes
-MAX_CASE_SECONDS = 2.0
+MAX_CASE_SECONDS = 5.0  # the report saw up to 29 s per module; a busy machine can pause a case ~1 s
 
 
 @pytest.fixture(scope="module")

@@ -225,6 +225,10 @@ def load_adapter_file(path: str | os.PathLike) -> AdapterFile:
     header = read_header(path)
     _checked_groups(path, header)
     tensors = load_tensors(path)
+    if {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()} != {
+        k: (e.shape, e.dtype) for k, e in header.entries.items()
+    }:  # replaced between the two reads: what was checked is not what was loaded
+        raise AdapterFileError(f"{path.name} changed while it was read; try again")
     if CHECKSUM_KEY in header.metadata and checksum(tensors, header.metadata) != header.metadata[CHECKSUM_KEY]:
         raise AdapterFileError(_checksum_message(path))
     groups = group_by_module(tensors)
