@@ -30,12 +30,19 @@ from ..tlora.model import (
     select_modules,
 )
 from ..tlora.options import NO_RESUME, TrainingOptions
-from ..tlora.run import RunFiles, resume, training_metadata
+from ..tlora.run import RunFiles, fit_batch, resume, training_metadata
 from ..tlora.targets import TEXT_ENCODER_GROUPS
 from ..tlora.train import NonFiniteLossError, Trainer
 from .apply import architecture_names, architecture_of
 from .compat import training_mode
-from .folders import TRAINING_CATEGORY, adapter_file_problem, adapter_files, output_path, resolve_adapter_path
+from .folders import (
+    TRAINING_CATEGORY,
+    adapter_file_problem,
+    adapter_files,
+    output_path,
+    output_problem,
+    resolve_adapter_path,
+)
 from .sampling import TrainingLoop, TrainingSampler
 
 log = logging.getLogger("comfyui-tlora")
@@ -76,6 +83,7 @@ def train(
     if samples is None or samples.ndim < 4 or samples.shape[0] == 0:
         raise ValueError("no training images: connect latents of at least one image (VAE Encode your images)")
     count = samples.shape[0]
+    options = fit_batch(options, count)
     text_groups = [t for t in options.target_groups if t in TEXT_ENCODER_GROUPS]
     has_text = clip is not None and bool(captions)
     if text_groups and not has_text:
@@ -221,8 +229,12 @@ class TrainTLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, resume_from=RESUME_NONE) -> bool | str:
-        return resume_from == RESUME_NONE or adapter_file_problem(resume_from) or True
+    def validate_inputs(cls, output_name=None, resume_from=RESUME_NONE) -> bool | str:
+        """Checked when the prompt is queued, before any node (the checkpoint loader too) runs;
+        a linked ``output_name`` (None here) is checked when the node runs."""
+        name_problem = output_name is not None and output_problem(output_name)
+        resume_problem = resume_from != RESUME_NONE and adapter_file_problem(resume_from)
+        return name_problem or resume_problem or True
 
     @classmethod
     def execute(cls, model, latents, positive=None, clip=None, captions=None, preview_vae=None, **values):

@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_export(args)
     if args.command == "train":
         return run_train(train, args)
-    from .format import AdapterFileError, describe, load_adapter_file
+    from .format import AdapterFileError, describe, inspect_adapter_file
 
     try:
-        print(json.dumps(describe(load_adapter_file(args.file)), indent=2))
+        print(json.dumps(describe(inspect_adapter_file(args.file)), indent=2))
     except AdapterFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from .adapters.base import Adapter
 from .format import write_safetensors
 from .options import TrainingOptions
 from .stiefel import soda_optimizers
+from .validate import all_finite
 
 
 def step_generator(seed: int, step: int, micro: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
@@ -37,6 +38,18 @@ def dco_loss(model_error: Tensor, reference_error: Tensor, beta: float) -> Tenso
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before applying that step."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """An update made adapter weights NaN or infinite while the loss was finite (bf16, a high
+    learning rate); training stopped at once, before anything could save those weights."""
+
+
+def check_finite_weights(parameters: list[Tensor], step: int) -> None:
+    """Raise :class:`NonFiniteWeightsError` unless every adapter weight is finite after the
+    update of ``step`` (1-based): one fused reduction over all of them."""
+    if not all_finite(parameters):
+        raise NonFiniteWeightsError(f"the update of step {step} made the adapter weights NaN or infinite")
 
 
 @dataclass
@@ -102,6 +115,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
         self.zero_grad()
+        check_finite_weights(self.parameters(), self.step + 1)
         self.step += 1
         mean = total / cfg.grad_accumulation
         self.losses.append(mean)
