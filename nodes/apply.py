@@ -19,7 +19,7 @@ from comfy_api.latest import io, ui
 
 from ..tlora.adapters import SODA
 from ..tlora.fingerprint import fingerprint
-from ..tlora.format import AdapterFile, build_adapter, describe, load_adapter_file
+from ..tlora.format import AdapterFile, build_adapter, describe, inspect_adapter_file, load_adapter_file
 from .folders import LOADER_CATEGORY, adapter_file_problem, adapter_files, resolve_adapter_path
 
 log = logging.getLogger("comfyui-tlora")
@@ -117,7 +117,7 @@ def check_fit(file: AdapterFile, model, clip) -> FitReport:
             continue
         report.matched[module] = target
         try:
-            build_adapter(tuple(weights[target].shape), group)
+            build_adapter(tuple(weights[target].shape), group)  # checked against the layer before it is built
         except ValueError as err:
             report.misfit[module] = str(err)
             continue
@@ -222,7 +222,7 @@ class TLoRAInfo(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
-        info = describe(load_adapter_file(resolve_adapter_path(adapter_name)))
+        info = describe(inspect_adapter_file(resolve_adapter_path(adapter_name)))
         text = describe_text(info)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 

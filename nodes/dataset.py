@@ -14,7 +14,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from ..tlora.dataset import bucket_table, load_buckets, load_images
+from ..tlora.dataset import bucket_table, check_folder, load_buckets, load_images
 from .folders import TRAINING_CATEGORY
 
 log = logging.getLogger("comfyui-tlora")
@@ -63,13 +63,19 @@ class LoadTrainingImages(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder, width, height, bucket_resolution=0) -> bool | str:
+    def validate_inputs(cls, folder, width, height, default_caption="", bucket_resolution=0) -> bool | str:
+        """Checked when the prompt is queued, before any node runs (no model loads for a folder
+        with an unreadable image or caption)."""
         if folder not in folder_paths.get_input_subfolders():
             return f"no folder {folder!r} in ComfyUI's input directory: put your images in input/<folder>/"
         if (width == 0) != (height == 0):
             return "set both width and height (to crop and resize), or neither (keep the images' size)"
         if width and bucket_resolution:
             return "set width and height (one size, cropped) or bucket_resolution (buckets), not both"
+        try:
+            check_folder(Path(folder_paths.get_input_directory()) / folder, default_caption or None)
+        except ValueError as err:
+            return str(err)
         return True
 
     @classmethod

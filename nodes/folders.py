@@ -7,6 +7,8 @@ from pathlib import Path
 
 import folder_paths
 
+from ..tlora.options import output_name_problem
+
 LORA_FOLDER = "loras"
 LOADER_CATEGORY = "loaders/tlora"
 TRAINING_CATEGORY = "training/tlora"
@@ -35,15 +37,24 @@ def resolve_adapter_path(name: str) -> Path:
     return Path(folder_paths.get_full_path_or_raise(LORA_FOLDER, name))
 
 
+def output_problem(name: str) -> str | None:
+    """Why ``name`` cannot be saved in the loras folder, or None: the core's file-name rules
+    (``tlora.options.output_name_problem``) and a plain relative name (no absolute path, no '..')."""
+    problem = output_name_problem(name)
+    if problem:
+        return problem
+    name = name.strip()
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return f"output_name {name!r} must be a plain name inside the loras folder (no absolute path, no '..')"
+    return None
+
+
 def output_path(name: str) -> Path:
     """Where an output name is saved: inside the first loras folder, ``.safetensors`` added."""
+    problem = output_problem(name)
+    if problem:
+        raise ValueError(problem)
     name = name.strip()
-    if not name:
-        raise ValueError("output_name is empty: give the file a name like 'my_subject_tlora'")
-    if "\0" in name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ValueError(
-            f"output_name {name!r} must be a plain name inside the loras folder (no absolute path, no '..')"
-        )
     if not name.endswith(".safetensors"):
         name += ".safetensors"
     return Path(folder_paths.get_folder_paths(LORA_FOLDER)[0]) / name

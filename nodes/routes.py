@@ -2,7 +2,11 @@
 
 Answers JSON: :func:`tlora.format.describe` of an adapter file in the loras folders (method, parameters,
 targets, base model, steps, ...), or ``{"error": why}`` with 400 (no name), 404 (not in the loras folders)
-or 422 (not a readable adapter file). Never raises into the server.
+or 422 (not a valid adapter file, with the validator's message). Never raises into the server.
+
+The file is checked without loading it (:func:`tlora.format.inspect_adapter_file`: the header, then its
+tensors streamed through the checksum a MB at a time), and at most ``MAX_CONCURRENT`` requests read files
+at once (the others wait their turn), so the route's memory stays bounded whatever the files' sizes.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import logging
 import folder_paths
 from aiohttp import web
 
-from ..tlora.format import AdapterFileError, describe, load_adapter_file
+from ..tlora.format import AdapterFileError, describe, inspect_adapter_file
 from .folders import LORA_FOLDER, adapter_files
 
 log = logging.getLogger("comfyui-tlora")
 INFO_ROUTE = "/tlora/info"
+MAX_CONCURRENT = 2
+_readers = asyncio.Semaphore(MAX_CONCURRENT)
 
 
 def adapter_info(name: str) -> tuple[int, dict]:
@@ -28,7 +34,7 @@ def adapter_info(name: str) -> tuple[int, dict]:
         return 404, {"error": f"{name} is not in ComfyUI's loras folders"}
     path = folder_paths.get_full_path(LORA_FOLDER, name)
     try:
-        return 200, describe(load_adapter_file(path))
+        return 200, describe(inspect_adapter_file(path))
     except AdapterFileError as err:
         return 422, {"error": str(err)}
     except Exception as err:  # a broken file must not take the route down
@@ -37,7 +43,8 @@ def adapter_info(name: str) -> tuple[int, dict]:
 
 
 async def get_info(request: web.Request) -> web.Response:
-    status, body = await asyncio.to_thread(adapter_info, request.query.get("name", ""))
+    async with _readers:
+        status, body = await asyncio.to_thread(adapter_info, request.query.get("name", ""))
     return web.json_response(body, status=status)
 
 

@@ -25,6 +25,7 @@ from comfy_extras.nodes_train import make_batch_extra_option_dict
 
 from ..tlora.batched import prepared
 from ..tlora.dataset import draw_batch
+from ..tlora.distributed import World
 from ..tlora.model import bypassed
 from ..tlora.run import RunFiles
 from ..tlora.train import dco_loss, step_generator
@@ -115,15 +116,17 @@ class TrainingLoop:
         sizes = [len(b) for b in buckets]
         count, device, dtype = sum(sizes), buckets[0].device, cfg.torch_dtype
         batched = device.type == "cuda" if cfg.batched_factors is None else cfg.batched_factors
+        world = World.current()  # data parallel: all ranks draw the whole micro-batch, each trains its shard
 
         def loss(step: int, micro: int) -> torch.Tensor:
             gen = step_generator(cfg.seed, step, micro)
-            bucket, rows = draw_batch(sizes, cfg.batch_size, gen)
-            x0 = buckets[bucket][rows].float()
-            idx = [sum(sizes[:bucket]) + row for row in rows]  # the images' places in the dataset (their captions)
-            percents = torch.rand(len(idx), generator=gen)
+            bucket, drawn = draw_batch(sizes, cfg.batch_size * world.size, gen)
+            mine, weight = world.shard(len(drawn)), world.shard_weight(len(drawn))
+            x0 = buckets[bucket][drawn[mine]].float()
+            idx = [sum(sizes[:bucket]) + row for row in drawn[mine]]  # the images' places in the dataset (captions)
+            percents = torch.rand(len(drawn), generator=gen)[mine]
             sigma = torch.tensor([float(sampling.percent_to_sigma(p.item())) for p in percents], device=device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
+            noise = torch.randn((len(drawn), *x0.shape[1:]), generator=gen)[mine].to(device)
             xt = sampling.noise_scaling(sigma, noise, x0, False)
             c_out = sampling.calculate_denoised(sigma, torch.ones_like(xt), torch.zeros_like(xt))
             extra = make_batch_extra_option_dict(extra_args, idx, full_size=count)
@@ -140,10 +143,10 @@ class TrainingLoop:
 
             error = prediction_error(self.trainer.adapters.values())
             if cfg.loss == "mse":
-                return error.mean()
+                return error.mean() * weight
             with torch.no_grad(), bypassed(self.trainer.adapters.values()):
                 reference = prediction_error(())  # the base model: text encoder and UNet unadapted
-            return dco_loss(error, reference, cfg.dco_beta)
+            return dco_loss(error, reference, cfg.dco_beta) * weight
 
         return loss
 
@@ -184,9 +187,11 @@ class TrainingLoop:
         while not trainer.done:
             comfy.model_management.throw_exception_if_processing_interrupted()
             loss = trainer.train_step(micro_loss)
+            self.files.log_step(loss)
             eta = (time.perf_counter() - start) / (trainer.step - first) * (cfg.steps - trainer.step)
             preview = None
-            if cfg.preview_every and (trainer.step % cfg.preview_every == 0 or trainer.done):
+            due = cfg.preview_every and (trainer.step % cfg.preview_every == 0 or trainer.done)
+            if due and World.current().is_main:
                 preview = ("JPEG", self.preview(model_wrap, extra_args, buckets[0], conditioner), 512)
             bar.update_absolute(trainer.step, cfg.steps, preview)
             send_progress(self.node_id, trainer.step, cfg.steps, loss, eta, preview is not None)

@@ -34,12 +34,19 @@ from ..tlora.model import (
     select_modules,
 )
 from ..tlora.options import NO_RESUME, TrainingOptions
-from ..tlora.run import RunFiles, resume, training_metadata
+from ..tlora.run import RunFiles, fit_batch, resume, training_metadata
 from ..tlora.targets import TEXT_ENCODER_GROUPS
 from ..tlora.train import NonFiniteLossError, Trainer
 from .apply import architecture_names, architecture_of
 from .compat import dequantized_weight, training_mode
-from .folders import TRAINING_CATEGORY, adapter_file_problem, adapter_files, output_path, resolve_adapter_path
+from .folders import (
+    TRAINING_CATEGORY,
+    adapter_file_problem,
+    adapter_files,
+    output_path,
+    output_problem,
+    resolve_adapter_path,
+)
 from .sampling import TrainingLoop, TrainingSampler
 
 log = logging.getLogger("comfyui-tlora")
@@ -68,15 +75,20 @@ def train(
     resume_path: Path | None = None,
     node_id: str | None = None,
     preview_vae=None,
+    sync=None,
+    on_step=None,
 ) -> TrainResult:
     """Train adapters on ``model`` (a ComfyUI MODEL; ``clip`` too when the targets name
     text-encoder groups), save them to ``output`` (None: keep them in memory only) and return
     the patched model and more. ``latents``: a LATENT, or a list of them of any sizes (aspect-ratio
     buckets, videos of other frame counts): grouped by shape, each micro-batch from one group. The
     text comes as ``positive`` conditioning, or as ``captions`` encoded by ``clip`` (needed to train
-    the text encoder), one for all images or one per image in the order of ``latents``."""
+    the text encoder), one for all images or one per image in the order of ``latents``. ``sync``: the
+    trainer's per-step exchange (tlora.distributed.DataParallel); ``on_step``: called with each step's
+    StepRecord."""
     batches = latent_batches(latents)
     count = sum(b.shape[0] for b in batches)
+    options = fit_batch(options, count)
     text_groups = [t for t in options.target_groups if t in TEXT_ENCODER_GROUPS]
     has_text = clip is not None and bool(captions)
     if text_groups and not has_text:
@@ -144,7 +156,7 @@ def train(
             weight_of=(lambda m: dequantized_weight(m, device)) if bypass else None,
             **options.adapter_options,
         )
-        trainer = Trainer(adapters, options)
+        trainer = Trainer(adapters, options, sync=sync)
         if resume_path is not None:
             resume(resume_path, adapters, trainer)
         if trainer.done:
@@ -157,7 +169,7 @@ def train(
                 first = tokens if not text_groups else tokens[:1]
                 positive = [e for t in first for e in te.encode_from_tokens_scheduled(t, show_pbar=False)]
             text = (te, tokens) if text_groups else None
-        files = RunFiles(trainer, adapters, metadata, output)
+        files = RunFiles(trainer, adapters, metadata, output, on_step)
         loop = TrainingLoop(files, positive, text, node_id, preview_vae, buckets=buckets if len(buckets) > 1 else None)
         guider = comfy_extras.nodes_custom_sampler.Guider_Basic(mp)
         guider.set_conds(positive)  # what the guider prepares with; each step's come from the loop's conditioner
@@ -167,6 +179,7 @@ def train(
                 attached(modules, adapters, bypass=bypass, weight_of=dequantized_weight),
                 training_mode(),
                 checkpointed_blocks(diffusion) if options.gradient_checkpointing else contextlib.nullcontext(),
+                norms_on_copies(diffusion),  # Flux adds residuals in place after its norms read them
                 norms_on_copies(te.cond_stage_model) if text is not None else contextlib.nullcontext(),
             ):
                 dummy_sigmas = torch.arange(count)  # carries the dataset size, as ComfyUI's trainer does
@@ -353,9 +366,14 @@ class TrainTLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, resume_from=(RESUME_NONE,)) -> bool | str:
-        resume_from = resume_from[0]
-        return resume_from == RESUME_NONE or adapter_file_problem(resume_from) or True
+    def validate_inputs(cls, output_name=None, resume_from=RESUME_NONE) -> bool | str:
+        """Checked when the prompt is queued, before any node (the checkpoint loader too) runs;
+        a linked ``output_name`` (None here) is checked when the node runs. ComfyUI hands each value
+        as a one-item list (``is_input_list``)."""
+        output_name, resume_from = (v[0] if isinstance(v, list) else v for v in (output_name, resume_from))
+        name_problem = output_name is not None and output_problem(output_name)
+        resume_problem = resume_from != RESUME_NONE and adapter_file_problem(resume_from)
+        return name_problem or resume_problem or True
 
     @classmethod
     def execute(cls, model, latents, positive=None, clip=None, captions=None, preview_vae=None, **values):

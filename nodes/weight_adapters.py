@@ -8,6 +8,10 @@ a tuple of tensors (``weights``), which the host's offloading and prefetch walk 
 ``type(adapter)(loaded_keys, weights)``. ``calculate_weight`` rebuilds the core adapter, computes
 ``W' − W`` in fp32 and adds ``strength · (W' − W)``; ``bypass_forward`` runs the same adapted layer
 around the frozen one without merging (quantized base weights).
+
+A module whose group fails the core's checks (``tlora.validate``: keys, shapes, ranks against the
+layer, finite values) is refused with that message in the log and left unpatched, at each of the
+three steps: no raw exception reaches the loader or the sampler.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from comfy import weight_adapter
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..tlora.adapters import SODA, Adapter, ConvArgs, TLoRA
-from ..tlora.format import build_adapter
+from ..tlora.format import build_adapter, finite_delta
+from ..tlora.validate import AdapterFileError, check_finite, check_group
 
 log = logging.getLogger("comfyui-tlora")
 
@@ -36,9 +41,10 @@ class _TensorGroupAdapter(WeightAdapterBase):
         self.loaded_keys = tuple(loaded_keys)
         self.weights = tuple(weights)
         mark = next(k for k in self.loaded_keys if k.endswith("." + self.adapter_class.file_mark))
-        module = mark[: -len(self.adapter_class.file_mark) - 1]
-        self.suffixes = tuple(k[len(module) + 1 :] for k in self.loaded_keys)
+        self.module = mark[: -len(self.adapter_class.file_mark) - 1]
+        self.suffixes = tuple(k[len(self.module) + 1 :] for k in self.loaded_keys)
         self._built: dict[tuple, Adapter] = {}
+        self._refused = False  # bypass_forward logs a refusal once
 
     @property
     def group(self) -> dict[str, torch.Tensor]:
@@ -50,6 +56,12 @@ class _TensorGroupAdapter(WeightAdapterBase):
         group = cls.adapter_class.file_group(lora, x)
         if group is None:
             return None
+        try:
+            check_group(group, None, x)
+            check_finite(group, x)
+        except AdapterFileError as err:
+            log.error("%s: refused (not applied): %s", cls.name, err)
+            return None
         keys = tuple(f"{x}.{suffix}" for suffix in group)
         if loaded_keys is not None:
             loaded_keys.update(keys)
@@ -58,7 +70,7 @@ class _TensorGroupAdapter(WeightAdapterBase):
     def adapter_for(self, shape: tuple[int, ...], device: torch.device) -> Adapter:
         key = (tuple(shape), device)
         if key not in self._built:
-            self._built[key] = build_adapter(key[0], self.group).to(device)
+            self._built[key] = build_adapter(key[0], self.group, self.module).to(device)
         return self._built[key]
 
     def prepare(self, adapter: Adapter, weight: torch.Tensor) -> None:
@@ -81,7 +93,7 @@ class _TensorGroupAdapter(WeightAdapterBase):
             with torch.no_grad():
                 adapter = self.adapter_for(weight.shape, weight.device)
                 self.prepare(adapter, weight)
-                delta = adapter.delta_weight(weight).mul_(strength)  # a fresh buffer: scaled in place
+                delta = finite_delta(adapter, weight, self.module).mul_(strength)  # a fresh buffer: scaled in place
                 weight += function(delta.to(weight.dtype))
         except (ValueError, RuntimeError) as err:
             log.error("%s: %s not patched: %s", self.name, key, err)
@@ -93,7 +105,13 @@ class _TensorGroupAdapter(WeightAdapterBase):
         module = org_forward.__self__
         weight = module.weight
         conv = ConvArgs(**self.kw_dict) if self.kw_dict else None
-        adapter = self.adapter_for(weight.shape, x.device)  # frozen: gradients reach x only
+        try:
+            adapter = self.adapter_for(weight.shape, x.device)  # frozen: gradients reach x only
+        except (ValueError, RuntimeError) as err:
+            if not self._refused:
+                log.error("%s: %s not adapted (runs as the base layer): %s", self.name, self.module, err)
+                self._refused = True
+            return org_forward(x, *args, **kwargs)
         return adapter.bypass(
             x,
             lambda u: org_forward(u, *args, **kwargs),

@@ -1,4 +1,5 @@
-"""Image folders for the headless trainer: pairing captions and the errors users meet."""
+"""Image folders for the headless trainer and Load Training Images: pairing captions and the errors
+users meet, each named (unreadable images, captions that are not UTF-8)."""
 
 import math
 
@@ -11,11 +12,13 @@ from tlora.dataset import (
     bucket_for,
     bucket_sizes,
     bucket_table,
+    check_folder,
     check_same_size,
     draw_batch,
     group_by_shape,
     image_caption_pairs,
     load_buckets,
+    load_images,
 )
 
 
@@ -52,6 +55,45 @@ def test_sizes():
     assert check_same_size({"a": (64, 48), "b": (64, 48)}) == (64, 48)
     with pytest.raises(ValueError, match=r"2 different sizes \(a 64×48, b 32×32"):
         check_same_size({"a": (64, 48), "b": (32, 32)})
+
+
+def real_image(path, size=(8, 8)):
+    from PIL import Image
+
+    Image.new("RGB", size, (10, 20, 30)).save(path)
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    """A text file renamed .png was a raw PIL.UnidentifiedImageError (issue 17)."""
+    folder = make(tmp_path / "d", [], {"a.txt": "x", "b.txt": "y"})
+    real_image(folder / "a.png")
+    (folder / "b.png").write_text("I am a caption, not an image")
+    with pytest.raises(ValueError, match=r"b.png is not a readable image \(UnidentifiedImageError"):
+        check_folder(folder)
+    with pytest.raises(ValueError, match=r"b\.png is not a readable image"):
+        load_images(folder, None, None)
+
+
+def test_a_truncated_image_is_named_when_decoded(tmp_path):
+    folder = make(tmp_path / "d", [], {"a.txt": "x"})
+    real_image(folder / "a.png", (64, 64))
+    (folder / "a.png").write_bytes((folder / "a.png").read_bytes()[:60])  # the header survives
+    with pytest.raises(ValueError, match=r"a.png is not a readable image \((OSError|SyntaxError)"):
+        load_images(folder, None, None)
+
+
+def test_a_caption_that_is_not_utf8_is_named(tmp_path):
+    """A Latin-1 caption was a raw UnicodeDecodeError (issue 17)."""
+    folder = make(tmp_path / "d", ["a.png"], {})
+    (folder / "a.txt").write_bytes("un café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"caption a.txt is not UTF-8 text \(byte 6 is 0xe9\): save it as UTF-8"):
+        image_caption_pairs(folder)
+
+
+def test_a_utf8_caption_with_a_bom_reads_as_its_text(tmp_path):
+    folder = make(tmp_path / "d", ["a.png"], {})
+    (folder / "a.txt").write_bytes("\ufeffun café".encode())
+    assert image_caption_pairs(folder)[0].caption == "un café"
 
 
 # -- aspect-ratio buckets ------------------------------------------------------------------------

@@ -25,6 +25,11 @@ REPO = Path(__file__).parents[1]
         (dict(training_dtype="fp8"), "training_dtype must be one of"),
         (dict(grad_clip=math.nan), "grad_clip must be a finite number"),
         (dict(targets=" , "), "targets names no layer group"),
+        (dict(output_name="a\0b"), r"output_name 'a\\x00b' contains a control character"),
+        (dict(output_name="run\n"), "contains a control character"),
+        (dict(output_name="  "), "output_name is empty"),
+        (dict(output_name="tlora/"), "names a folder"),
+        (dict(output_name="x" * 190), "file name is 202 bytes long: at most 200"),
     ],
 )
 def test_bad_settings_are_named(bad, match):
@@ -79,6 +84,7 @@ def test_every_option_reaches_the_command_line():
         "overwrite": True,
         "preview_every": 5,
         "weight_decay": 0.01,
+        "resume_adapter_only": True,
         "bypass_mode": True,
         "max_weight_memory": 2.5,
     }

@@ -2,6 +2,7 @@
 
     python -m tlora info FILE                      what an adapter file is
     python -m tlora train --comfyui PATH …         train headless through a ComfyUI install
+    torchrun --nproc_per_node N -m tlora train …   the same, data-parallel over N GPUs (or processes)
     python -m tlora budgets                        parameter budgets at SD1.5 / SDXL shapes
     python -m tlora export FILE --checkpoint CKPT --rank R --output OUT [--bake]
                                                    a plain LoRA (or weight diffs) from any adapter file
@@ -23,7 +24,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from . import options
+from . import distributed, options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default: 64)")
     data.add_argument("--caption", help="caption for images without a .txt file")
     options.add_arguments(parser)
+    parallel = parser.add_argument_group("data parallel (under torchrun)")
+    parallel.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=distributed.STEP_TIMEOUT,
+        help="seconds a rank waits for the others at a step before giving up (default: %(default)s)",
+    )
 
 
 def boot_host(comfy_path: Path):
@@ -88,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_export(args)
     if args.command == "train":
         return run_train(train, args)
-    from .format import AdapterFileError, describe, load_adapter_file
+    from .format import AdapterFileError, describe, inspect_adapter_file
 
     try:
-        print(json.dumps(describe(load_adapter_file(args.file)), indent=2))
+        print(json.dumps(describe(inspect_adapter_file(args.file)), indent=2))
     except AdapterFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -106,13 +114,16 @@ def run_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         training = options.from_arguments(args)
     except ValueError as err:
         parser.error(str(err))
-    pack = boot_host(Path(args.comfyui))
-    headless = importlib.import_module(f"{pack.__name__}.nodes.headless")
-    try:
-        return headless.run(args, training)
-    except (ValueError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    world = distributed.World.from_env()  # torchrun's rank, else one process
+    world.select_device()  # before ComfyUI picks its device
+    with distributed.DataParallel(world, step_timeout=args.dist_timeout) as parallel:
+        pack = boot_host(Path(args.comfyui))
+        headless = importlib.import_module(f"{pack.__name__}.nodes.headless")
+        try:
+            return headless.run(args, training, parallel)
+        except (ValueError, FileExistsError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
 
 def run_export(args) -> int:

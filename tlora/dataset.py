@@ -49,9 +49,40 @@ def image_caption_pairs(folder: str | Path, default_caption: str | None = None) 
             f"{Path(missing[0]).with_suffix('.txt').name}); add them or give a default caption"
         )
     return [
-        Example(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else default_caption)
+        Example(p, read_caption(p.with_suffix(".txt")) if p.with_suffix(".txt").is_file() else default_caption)
         for p in images
     ]
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text (UTF-8, a BOM allowed), stripped; a ValueError naming the file and
+    the first bad byte otherwise."""
+    try:
+        return path.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"caption {path.name} is not UTF-8 text (byte {err.start} is {path.read_bytes()[err.start]:#04x}): "
+            "save it as UTF-8"
+        ) from None
+
+
+def open_image(path: Path, load: bool = True) -> Image.Image | None:
+    """An image file, EXIF-rotated and RGB (``load``), or only its header read; a ValueError
+    naming the file when it is not a readable image (a text file renamed .png, truncated, …)."""
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB") if load else None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path.name} is not a readable image ({type(err).__name__}: {err})") from None
+
+
+def check_folder(folder: str | Path, default_caption: str | None = None) -> list[Example]:
+    """What :func:`load_images` checks before decoding anything: the folder's images and
+    captions pair up, every caption reads as UTF-8 and every image file's header is an image's."""
+    pairs = image_caption_pairs(folder, default_caption)
+    for pair in pairs:
+        open_image(pair.image, load=False)
+    return pairs
 
 
 def check_same_size(sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
@@ -70,17 +101,13 @@ def check_same_size(sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
 def load_images(folder: str | Path, size: tuple[int, int] | None, default_caption: str | None):
     """``(pixels [B, H, W, 3] in 0..1, captions)``; all images one size, or center-cropped and
     resized to ``size``. Each caption is one line (its whitespace runs become single spaces)."""
-    pairs = image_caption_pairs(folder, default_caption)
-    images = [read_image(p.image) for p in pairs]
+    pairs = check_folder(folder, default_caption)
+    images = [open_image(p.image) for p in pairs]
     if size is None:
         check_same_size({p.image.name: im.size for p, im in zip(pairs, images, strict=True)})
     else:
         images = [ImageOps.fit(im, size, Image.Resampling.LANCZOS) for im in images]
     return to_pixels(images), [one_line(p.caption) for p in pairs]
-
-
-def read_image(path: Path) -> Image.Image:
-    return ImageOps.exif_transpose(Image.open(path)).convert("RGB")
 
 
 def to_pixels(images: Sequence[Image.Image]) -> Tensor:
@@ -133,11 +160,11 @@ class Bucket:
 def load_buckets(folder: str | Path, resolution: int, step: int, default_caption: str | None) -> list[Bucket]:
     """The folder's images in aspect-ratio buckets (sorted by size; images in name order inside),
     each scaled to cover its bucket and center-cropped by less than one ``step``."""
-    pairs = image_caption_pairs(folder, default_caption)
+    pairs = check_folder(folder, default_caption)
     sizes = bucket_sizes(resolution, step)
     grouped: dict[tuple[int, int], list[tuple[Example, Image.Image]]] = {}
     for pair in pairs:
-        image = read_image(pair.image)
+        image = open_image(pair.image)
         grouped.setdefault(bucket_for(image.size, sizes), []).append((pair, image))
     return [
         Bucket(

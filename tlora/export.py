@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .format import CHECKSUM_KEY, FORMAT_VERSION, AdapterFile, build_adapter, checksum, write_safetensors
+from .format import CHECKSUM_KEY, FORMAT_VERSION, AdapterFile, build_adapter, checksum, finite_delta, write_safetensors
 
 MODES = ("lora", "bake")
 LOWRANK_MIN_SIDE = 2048  # use the randomized SVD when both sides are at least this and r is small
@@ -105,11 +105,12 @@ def low_rank(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return (u * root).contiguous(), (root[:, None] * vh).contiguous()
 
 
-def layer_delta(group: Mapping[str, Tensor], weight: Tensor) -> Tensor:
-    """``ΔW = W' − W`` in fp32 for one module's tensor group and its base weight."""
-    adapter = build_adapter(tuple(weight.shape), group).to(weight.device)
+def layer_delta(group: Mapping[str, Tensor], weight: Tensor, where: str = "") -> Tensor:
+    """``ΔW = W' − W`` in fp32 for one module's tensor group and its base weight (checked,
+    finite: :func:`tlora.format.build_adapter`, :func:`tlora.format.finite_delta`)."""
+    adapter = build_adapter(tuple(weight.shape), group, where).to(weight.device)
     with torch.no_grad():
-        return adapter.delta_weight(weight.float())
+        return finite_delta(adapter, weight.float(), where)
 
 
 def export_tensors(

@@ -12,18 +12,23 @@ model weight (``diffusion_model.<unet module>``, ``text_encoders.<clip module>``
   loader reads it.
 
 Every tensor needed to rebuild a module's adapter is in the file; the header metadata
-(``modelspec.*`` and ``tlora.*``, strings) is for people and tools. Writes are atomic.
+(``modelspec.*`` and ``tlora.*``, strings) is for people and tools. Writes are atomic. Nothing is
+built from a file before :mod:`tlora.validate` has checked it (:func:`load_adapter_file`,
+:func:`inspect_adapter_file`, :func:`build_adapter`).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -31,38 +36,55 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .adapters import ADAPTER_CLASSES, Adapter, LoRA
+from .validate import (
+    AdapterFileError,
+    Header,
+    TensorEntry,
+    adapter_class,
+    check_finite,
+    check_group,
+    non_finite_message,
+    read_header,
+    unreadable_message,
+)
 
 FORMAT_VERSION = "1"
 CHECKSUM_KEY = "tlora.checksum"
+SCAN_CHUNK_BYTES = 1 << 20  # what streaming a file's tensors holds in memory at once
+# write_safetensors' temporaries: mkstemp's ".<name>." + 8 random characters + ".tmp"
+TEMPORARY_NAME = r"\.{name}\.[a-z0-9_]{{8}}\.tmp"
+Group = TypeVar("Group", Tensor, TensorEntry)
 
 
-class AdapterFileError(ValueError):
-    """A file that cannot be used as an adapter file; the message says why and what to do."""
-
-
-def adapter_class(group: Mapping[str, Tensor]) -> type[Adapter] | None:
-    """The class whose marker key is in a module's ``suffix → tensor`` group, or None."""
-    return next((cls for cls in ADAPTER_CLASSES if cls.file_mark in group), None)
-
-
-def build_adapter(weight_shape: tuple[int, ...], group: Mapping[str, Tensor]) -> Adapter:
+def build_adapter(weight_shape: tuple[int, ...], group: Mapping[str, Tensor], where: str = "") -> Adapter:
     """Rebuild one module's adapter from its ``suffix → tensor`` group, frozen: it is for
     merging (and matmuls over tensors that require grad take a slower, copying path in
-    PyTorch even under ``no_grad``: 3× slower merges on CPU)."""
-    cls = adapter_class(group)
-    if cls is None:
-        raise ValueError(f"no adapter tensors among {sorted(group)[:6]}")
+    PyTorch even under ``no_grad``: 3× slower merges on CPU). The group is checked first
+    (keys, shapes against ``weight_shape``, ranks, finite values): a bad one raises
+    :class:`AdapterFileError` prefixed with ``where`` (file and module) before anything is built."""
+    cls = check_group(group, tuple(weight_shape), where)
+    check_finite(group, where)
     return cls.from_file_tensors(weight_shape, group).requires_grad_(False)
 
 
-def group_by_module(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+def finite_delta(adapter: Adapter, weight: Tensor, where: str = "") -> Tensor:
+    """``W' − W`` in fp32 (:meth:`~tlora.adapters.Adapter.delta_weight`), refused with an
+    :class:`AdapterFileError` unless finite: finite factors can still overflow a merge."""
+    delta = adapter.delta_weight(weight)
+    if not bool(torch.isfinite(delta).all()):
+        problem = f"its weight change is not finite on this layer (values of {weight.dtype} overflow)"
+        raise AdapterFileError(f"{where}: {problem}" if where else problem)
+    return delta
+
+
+def group_by_module(tensors: Mapping[str, Group]) -> dict[str, dict[str, Group]]:
     """Split a file's keys into ``module → {suffix → tensor}``, using each group's marker key.
     Keys that belong to no marked group are returned under the module ``""``."""
     marks = [cls.file_mark for cls in ADAPTER_CLASSES]
-    groups: dict[str, dict[str, Tensor]] = {
+    groups: dict[str, dict[str, Group]] = {
         key[: -len(mark) - 1]: {} for key in tensors for mark in marks if key.endswith("." + mark)
     }
-    stray: dict[str, Tensor] = {}
+    stray: dict[str, Group] = {}
     for key, value in tensors.items():
         head = key.rpartition(".")[0]  # the longest marked module name that prefixes the key
         while head and head not in groups:
@@ -106,6 +128,7 @@ def write_safetensors(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -119,17 +142,33 @@ def write_safetensors(
     return path
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporaries an interrupted :func:`write_safetensors` of ``path`` left behind
+    (a kill between the write and the rename); only names of that exact pattern. Returns them."""
+    pattern = re.compile(TEMPORARY_NAME.format(name=re.escape(path.name)))
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if pattern.fullmatch(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def checksum(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
     """sha256 over every tensor (name, dtype, shape, bytes; sorted by name) and the metadata
     other than the checksum itself: any flipped byte of a file shows."""
-    digest = hashlib.sha256()
-    meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
-    digest.update(json.dumps(meta, sort_keys=True).encode())
+    digest = _metadata_digest(metadata)
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def _metadata_digest(metadata: Mapping[str, str]):
+    """The checksum's digest after the metadata, before the tensors (see :func:`checksum`)."""
+    digest = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest
 
 
 @dataclass
@@ -147,7 +186,18 @@ class AdapterFile:
         return self.metadata.get("tlora.method", "unknown")
 
 
-def describe(file: AdapterFile) -> dict:
+@dataclass
+class AdapterHeader:
+    """An adapter file checked without loading it: its modules' header entries (shape, dtype,
+    offsets) and its metadata (:func:`inspect_adapter_file`)."""
+
+    path: Path
+    modules: dict[str, dict[str, TensorEntry]]
+    metadata: dict[str, str]
+    stray_keys: list[str]
+
+
+def describe(file: AdapterFile | AdapterHeader) -> dict:
     """What a person wants to know about an adapter file before applying it."""
     meta = file.metadata
     targets = meta.get("tlora.targets")
@@ -167,64 +217,115 @@ def describe(file: AdapterFile) -> dict:
 
 
 def load_adapter_file(path: str | os.PathLike) -> AdapterFile:
-    """Read and check an adapter file: readable, checksum intact (for files this pack wrote),
-    and holding at least one adapter group. Raises :class:`AdapterFileError` saying what is
-    wrong."""
+    """Read and check an adapter file (:mod:`tlora.validate`): a safetensors header of the
+    format's layout, every module's group one of its class's with consistent shapes and
+    bounded ranks (checked before any tensor is read), the checksum intact (files this pack
+    wrote), every value finite. Raises :class:`AdapterFileError` saying what is wrong."""
     path = Path(path)
-    metadata = read_metadata(path)
+    header = read_header(path)
+    _checked_groups(path, header)
     tensors = load_tensors(path)
-    ours = any(k.startswith("tlora.") for k in metadata)
-    if CHECKSUM_KEY in metadata:
-        if checksum(tensors, metadata) != metadata[CHECKSUM_KEY]:
-            raise AdapterFileError(f"{path.name} is corrupt: its checksum does not match its contents. Re-export it.")
-    elif ours:
-        raise AdapterFileError(f"{path.name} is corrupt: it has TLoRA metadata but no checksum. Re-export it.")
+    if {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()} != {
+        k: (e.shape, e.dtype) for k, e in header.entries.items()
+    }:  # replaced between the two reads: what was checked is not what was loaded
+        raise AdapterFileError(f"{path.name} changed while it was read; try again")
+    if CHECKSUM_KEY in header.metadata and checksum(tensors, header.metadata) != header.metadata[CHECKSUM_KEY]:
+        raise AdapterFileError(_checksum_message(path))
     groups = group_by_module(tensors)
+    stray = sorted(groups.pop("", {}))
+    try:
+        check_finite(tensors)
+    except AdapterFileError:  # name the module
+        for module, group in groups.items():
+            check_finite(group, f"{path.name}: {module}")
+        check_finite({k: tensors[k] for k in stray}, path.name)
+    return AdapterFile(path, groups, header.metadata, stray, tensors)
+
+
+def inspect_adapter_file(path: str | os.PathLike) -> AdapterHeader:
+    """The checks of :func:`load_adapter_file` without loading the file: the header is read,
+    then the tensors' bytes are streamed (``SCAN_CHUNK_BYTES`` at a time) through the checksum
+    and a finiteness test. Memory stays a few MB whatever the file's size."""
+    path = Path(path)
+    header = read_header(path)
+    groups, stray = _checked_groups(path, header)
+    digest = _metadata_digest(header.metadata) if CHECKSUM_KEY in header.metadata else None
+    try:
+        non_finite = _scan(path, header, digest)
+    except (OSError, ValueError) as err:
+        raise AdapterFileError(unreadable_message(path, err)) from None
+    if digest is not None and digest.hexdigest() != header.metadata[CHECKSUM_KEY]:
+        raise AdapterFileError(_checksum_message(path))
+    if non_finite is not None:
+        name, count = non_finite
+        owner = {f"{m}.{suffix}": m for m, group in groups.items() for suffix in group}.get(name)
+        where, key = (f"{path.name}: {owner}", name[len(owner) + 1 :]) if owner else (path.name, name)
+        raise AdapterFileError(f"{where}: {non_finite_message(key, count)}")
+    return AdapterHeader(path, groups, header.metadata, stray)
+
+
+def _checked_groups(path: Path, header: Header) -> tuple[dict[str, dict[str, TensorEntry]], list[str]]:
+    """The header's module groups once each is checked (:func:`tlora.validate.check_group`),
+    and the keys outside any group."""
+    if CHECKSUM_KEY not in header.metadata and any(k.startswith("tlora.") for k in header.metadata):
+        raise AdapterFileError(f"{path.name} is corrupt: it has TLoRA metadata but no checksum. Re-export it.")
+    groups = group_by_module(header.entries)
     stray = sorted(groups.pop("", {}))
     if not groups:
         raise AdapterFileError(
             f"{path.name} holds no TLoRA, SODA or LoRA tensors (keys like "
             f"{', '.join(stray[:3]) or 'none'}): it is not an adapter file for this node."
         )
-    return AdapterFile(path, groups, metadata, stray, tensors)
+    for module, group in groups.items():
+        check_group(group, None, f"{path.name}: {module}")
+    return groups, stray
+
+
+def _checksum_message(path: Path) -> str:
+    return f"{path.name} is corrupt: its checksum does not match its contents. Re-export it."
+
+
+def _scan(path: Path, header: Header, digest) -> tuple[str, int] | None:
+    """Stream every tensor's bytes, sorted by name, into ``digest`` (when given) after its
+    ``name|dtype|shape|`` line, as :func:`checksum` hashes them; returns the first tensor
+    holding NaN or infinite values and how many, or None."""
+    buffer = bytearray(SCAN_CHUNK_BYTES)
+    view = memoryview(buffer)
+    non_finite = None
+    with open(path, "rb") as f:
+        for name in sorted(header.entries):
+            entry = header.entries[name]
+            if digest is not None:
+                digest.update(f"{name}|{entry.dtype}|{entry.shape}|".encode())
+            f.seek(entry.start)
+            remaining = entry.end - entry.start
+            while remaining:
+                size = min(SCAN_CHUNK_BYTES, remaining)  # a multiple of the item size (≤ 8 bytes)
+                if f.readinto(view[:size]) != size:
+                    raise ValueError(f"{path.name} changed while it was read")
+                if digest is not None:
+                    digest.update(view[:size])
+                if entry.dtype.is_floating_point and (non_finite is None or non_finite[0] == name):
+                    values = torch.frombuffer(buffer, dtype=entry.dtype, count=size // entry.dtype.itemsize)
+                    count = int((~torch.isfinite(values if entry.dtype.itemsize > 1 else values.float())).sum())
+                    if count:
+                        non_finite = (name, count + (non_finite[1] if non_finite else 0))
+                remaining -= size
+    return non_finite
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The header metadata of a safetensors file, without reading its tensors."""
-    path = Path(path)
-    _check_exists(path)
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size <= 0 or size > min(100 << 20, path.stat().st_size - 8):
-                raise ValueError("bad header size")
-            header = json.loads(f.read(size))
-        meta = header.get("__metadata__", {})
-        if not isinstance(meta, dict):
-            raise ValueError("metadata is not a mapping")
-        return {str(k): str(v) for k, v in meta.items()}
-    except (ValueError, OSError, UnicodeDecodeError) as err:
-        raise AdapterFileError(_corrupt_message(path, err)) from None
+    """The header metadata of a safetensors file (its header checked), without reading its tensors."""
+    return read_header(path).metadata
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
     """All tensors of a safetensors file, with a clear :class:`AdapterFileError` for a
     missing, truncated or corrupt file."""
     path = Path(path)
-    _check_exists(path)
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file not found: {path}")
     try:
         return load_file(str(path))
     except (SafetensorError, ValueError, OSError, RuntimeError, OverflowError) as err:
-        raise AdapterFileError(_corrupt_message(path, err)) from None
-
-
-def _check_exists(path: Path) -> None:
-    if not path.is_file():
-        raise AdapterFileError(f"adapter file not found: {path}")
-
-
-def _corrupt_message(path: Path, err: Exception) -> str:
-    return (
-        f"{path.name} is not a readable safetensors file (truncated, corrupt or another format: {err}). "
-        "Re-download or re-export it."
-    )
+        raise AdapterFileError(unreadable_message(path, err)) from None

@@ -225,8 +225,8 @@ def recomputed_in_backward(
 
 def norms_on_copies(model: nn.Module) -> swapped_forwards:
     """Feed every LayerNorm of ``model`` a copy of its input inside the block. ComfyUI's text
-    encoders add their residuals in place (``x += attn(norm(x))``), which overwrites the input
-    the norm saved for backward; on a copy the text encoder trains, at one copy per norm."""
+    encoders and some diffusion models (Flux) add their residuals in place (``x += attn(norm(x))``),
+    which overwrites the input the norm saved for backward; on a copy they train, at one copy per norm."""
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     return swapped_forwards({n: lambda x, _f=n.forward: _f(x.clone()) for n in norms})
 

@@ -20,6 +20,7 @@ from .adapters import METHODS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_RESUME = ""
+MAX_OUTPUT_NAME_BYTES = 200  # + ".tlora-state" + a temporary's ".<8>.tmp" stays within a file system's 255
 
 
 def option(
@@ -91,6 +92,10 @@ class TrainingOptions:
     batched_factors: bool | None = option(
         None, "Build same-shaped layers' factors in one batched pass (None: on CUDA).", cli="", node=False
     )
+    resume_adapter_only: bool = option(
+        False,
+        "Resume from the adapter file alone, with a fresh optimizer, when its .tlora-state is not from the same save.",
+    )
     bypass_mode: bool = option(
         False,
         "Run the adapters around the frozen layers' own forward instead of merging them into the weights "
@@ -120,6 +125,7 @@ class TrainingOptions:
                     problems.append(f"{f.name} must be at most {meta['max']}, got {value}")
         if not self.target_groups:
             problems.append("targets names no layer group: give at least one, e.g. 'attention'")
+        problems += filter(None, [output_name_problem(self.output_name)])
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -149,6 +155,23 @@ class TrainingOptions:
             return 1.0
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def output_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name the output file (checked before anything loads), or None:
+    empty, a control character (NUL…), a folder, or a file name too long for the files saved
+    beside it (``.tlora-state``, the temporaries of atomic writes)."""
+    if not name.strip():
+        return "output_name is empty: give the file a name like 'my_subject_tlora'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"output_name {name!r} contains a control character (NUL, newline, …): use a plain file name"
+    if name.endswith(("/", "\\")):
+        return f"output_name {name!r} names a folder: add a file name"
+    file_name = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    size = len(file_name.encode()) + (0 if file_name.endswith(".safetensors") else len(".safetensors"))
+    if size > MAX_OUTPUT_NAME_BYTES:
+        return f"output_name's file name is {size} bytes long: at most {MAX_OUTPUT_NAME_BYTES}"
+    return None
 
 
 def cli_flag(f: dataclasses.Field) -> str:

@@ -22,6 +22,7 @@ from .adapters.base import Adapter
 from .format import write_safetensors
 from .options import TrainingOptions
 from .stiefel import soda_optimizers
+from .validate import all_finite
 
 
 def step_generator(seed: int, step: int, micro: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
@@ -39,6 +40,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before applying that step."""
 
 
+class NonFiniteWeightsError(NonFiniteLossError):
+    """An update made adapter weights NaN or infinite while the loss was finite (bf16, a high
+    learning rate); training stopped at once, before anything could save those weights."""
+
+
+def check_finite_weights(parameters: list[Tensor], step: int) -> None:
+    """Raise :class:`NonFiniteWeightsError` unless every adapter weight is finite after the
+    update of ``step`` (1-based): one fused reduction over all of them."""
+    if not all_finite(parameters):
+        raise NonFiniteWeightsError(f"the update of step {step} made the adapter weights NaN or infinite")
+
+
 @dataclass
 class Trainer:
     """Optimizes ``adapters`` (``name → Adapter``): AdamW on TLoRA-family tensors and SODA's
@@ -48,6 +61,9 @@ class Trainer:
     config: TrainingOptions
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    # Data parallel: called once per step before clipping; averages the gradients and the loss
+    # total across ranks in place and returns that total (tlora.distributed.DataParallel).
+    sync: Callable[[list[nn.Parameter], float], float] | None = None
 
     def __post_init__(self):
         cfg = self.config
@@ -92,11 +108,14 @@ class Trainer:
                 raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step + 1}")
             (loss / cfg.grad_accumulation).backward()
             total += loss.item()
+        if self.sync is not None:
+            total = self.sync(self.parameters(), total)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.grad_clip)
         for opt in self.optimizers:
             opt.step()
         self.zero_grad()
+        check_finite_weights(self.parameters(), self.step + 1)
         self.step += 1
         mean = total / cfg.grad_accumulation
         self.losses.append(mean)

@@ -383,7 +383,7 @@ def test_fp16_weights_patch_like_fp32(setup, fp16_model, method):
         (
             "bad_640_wide",
             r"bad_640_wide.safetensors: 4 of 4 modules do not fit this model's weights "
-            r".*made for a layer with 640 inputs.*this layer has 320",
+            r".*input widths disagree: tlora.transform 640, .*the layer 320\).*made for SDXL",
         ),
         ("soda_other_base", r"soda_other_base.safetensors: 5 of 32 SODA layers were trained on different base weights"),
     ],

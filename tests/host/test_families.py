@@ -86,7 +86,8 @@ def test_detected_at_every_size(family):
 def test_groups_place_every_linear_layer(family):
     tiny = linear_names(family, family.tiny)
     groups = F.groups_of(family)
-    for glob in [g for globs in groups.values() for g in globs] + list(family.outside_blocks):
+    linear_groups = [globs for name, globs in groups.items() if name != "conv"]  # conv: the UNet's Conv2d layers
+    for glob in [g for globs in linear_groups for g in globs] + list(family.outside_blocks):
         assert any(matches(n, (glob,)) for n in tiny), f"{glob!r} matches no layer of the tiny model"
     assert next(iter(groups)) == "attention"
     for label, config in [("tiny", family.tiny), *family.full.items()]:
@@ -279,14 +280,18 @@ def test_a_file_for_another_family_is_refused_naming_both(loaded, family, tiny_s
     layers = pack("tlora.model").select_modules(
         loaded.model.model.diffusion_model, ["attention"], architecture=architecture
     )
-    first = sorted(layers)[0]
-    adapter = pack("tlora.adapters").TLoRA(tuple(layers[first].weight.shape))
+    tlora_cls = pack("tlora.adapters").TLoRA
+    adapters = {f"diffusion_model.{n}": tlora_cls(tuple(m.weight.shape)) for n, m in layers.items()}
     name = f"families/{family.key}_foreign.safetensors"
     meta = {"tlora.method": "tlora", "tlora.base_model": family.config_class}
-    pack("tlora.format").save_adapters(
-        comfy.dirs.loras / name, {f"diffusion_model.{first}": adapter}, meta, overwrite=True
-    )
+    pack("tlora.format").save_adapters(comfy.dirs.loras / name, adapters, meta, overwrite=True)
+    sd15 = pack("tlora.model").select_modules(tiny_sd15.model.model.diffusion_model, ["attention"])
+    sd15_adapters = {f"diffusion_model.{n}": tlora_cls(tuple(m.weight.shape)) for n, m in sd15.items()}
+    sd15_name = "families/sd15_foreign.safetensors"
+    sd15_meta = {"tlora.method": "tlora", "tlora.base_model": "SD15"}
+    pack("tlora.format").save_adapters(comfy.dirs.loras / sd15_name, sd15_adapters, sd15_meta, overwrite=True)
     apply = pack("nodes.apply").ApplyTLoRA.execute
-    if family.config_class != "SD15":
-        with pytest.raises(ValueError, match=f"made for {family.config_class}; this model is SD15"):
-            apply(tiny_sd15.model, name, 1.0, 0.0)
+    with pytest.raises(ValueError, match=f"made for {family.config_class}; this model is SD15"):
+        apply(tiny_sd15.model, name, 1.0, 0.0)
+    with pytest.raises(ValueError, match=f"made for SD15; this model is {family.config_class}"):
+        apply(loaded.model, sd15_name, 1.0, 0.0)

@@ -201,7 +201,7 @@ def test_example_workflow_trains_and_samples(comfy_server, tiny_checkpoint):
     prompt = ui_to_api(workflow, comfy_server.object_info(refresh=True))
     by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
     by_type["CheckpointLoaderSimple"]["ckpt_name"] = tiny_checkpoint.name
-    by_type["LoadImageTextSetFromFolderNode"].update(width=64, height=64)
+    by_type["TLoRALoadTrainingImages"].update(width=64, height=64)
     by_type["TLoRATrain"].update(steps=2, save_every=0, output_name="example_run")
     by_type["EmptyLatentImage"].update(width=64, height=64)
     by_type["KSampler"]["steps"] = 2

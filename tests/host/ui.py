@@ -11,12 +11,17 @@ from pathlib import Path
 
 from .browser import Browser, BrowserError
 
+# What the frontend's public modules scripts/app.js and scripts/api.js export (their shims read these).
 APP = "window.comfyAPI.app.app"
 API = "window.comfyAPI.api.api"
+# Frontend 1.49 defines window.comfyAPI only once the bundle's chunk that holds the app has run, after the page
+# loaded (1.27: before): hence `?.` until the app is set up.
+APP_READY = f"window.comfyAPI?.app?.app?.graph && {APP}.extensionManager?.command && {APP}.vueAppReady"
 PACK_EXTENSIONS = ("comfyui-tlora.lossChart", "comfyui-tlora.adapterInfo")
 PACK_JS = "/extensions/comfyui-tlora/"
-# No first-run template dialog (the tests open it themselves), no minimap over the screenshots.
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+# No first-run template dialog (the tests open it themselves), no minimap over the screenshots, the classic
+# (canvas-drawn) node design even where a frontend would default to Nodes 2.0.
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.VueNodes.Enabled": False}
 # Records the server's execution events in the page: run() waits on them.
 RECORD_RUNS = f"""(() => {{
   window.tloraTestRuns = [];
@@ -50,11 +55,7 @@ class ComfyPage:
         request.add_header("Content-Type", "application/json")
         urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30).close()
         self.browser.goto(self.url, timeout)
-        self.wait_for(
-            f"{APP}?.graph && {APP}.extensionManager?.command && {APP}.vueAppReady",
-            timeout,
-            what="the ComfyUI app to start",
-        )
+        self.wait_for(APP_READY, timeout, what="the ComfyUI app to start")
         self.wait_for(f"{APP}.extensions.some(e => e.name === {js(PACK_EXTENSIONS[-1])})", timeout, what="extensions")
         self.evaluate(RECORD_RUNS)
         return self
@@ -70,18 +71,28 @@ class ComfyPage:
             if entry["level"] in ("error", "exception") and (PACK_JS in entry["url"] or PACK_JS in entry["text"])
         ]
 
+    def click(self, element: str, timeout: float = 60.0, what: str | None = None) -> None:
+        """Click the element the JavaScript expression ``element`` finds, once it finds one: found and clicked in
+        one evaluation, as the dialogs re-render their lists while they load."""
+        self.wait_for(f"(e => (e?.click(), !!e))({element})", timeout, what=what or element)
+
     # -- workflows ------------------------------------------------------------------------------------------
 
-    def open_template(self, module: str, name: str, timeout: float = 60.0) -> None:
+    def open_template(self, module: str, name: str, timeout: float = 120.0) -> None:
         """Open the template browser (what its menu entries run), pick ``module``'s category and click ``name``."""
         self.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        category = f"document.querySelector('li[role=option][aria-label={js(module)}]')"
-        self.wait_for(f"!!{category}", timeout, what=f"template category {module}")
-        self.evaluate(f"{category}.click()")
-        card = f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')"
-        self.wait_for(f"!!{card}", timeout, what=f"template card {name}")
+        # The category list's entry: <li role=option aria-label=module> (frontend 1.27), <div role=button> (1.49).
+        category = (
+            "[...document.querySelectorAll('[role=option], [role=button]')]"
+            f".find(e => (e.getAttribute('aria-label') ?? e.textContent.trim()) === {js(module)})"
+        )
+        self.click(category, timeout, what=f"template category {module}")
         self.evaluate(f"{APP}.graph.extra.tloraTestStale = true")  # gone once the template replaced the graph
-        self.evaluate(f"{card}.click()")
+        self.click(
+            f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')",
+            timeout,
+            what=f"template card {name}",
+        )
         self.wait_for(
             f"!{APP}.graph.extra?.tloraTestStale && {APP}.graph.nodes.length > 0"
             " && !document.querySelector('[data-testid=template-workflows-content]')",
@@ -104,7 +115,8 @@ class ComfyPage:
         return f"{APP}.graph.nodes.find(n => n.type === {js(node_type)})"
 
     def set_widgets(self, values: dict[str, dict]) -> None:
-        """``{node type: {widget name: value}}`` on every node of each type; unknown names raise."""
+        """``{node type: {widget name: value}}`` on every node of each type, as the frontend sets a value a user
+        entered (then calls the widget's callback); unknown names raise."""
         missing = self.evaluate(
             f"""(() => {{
               const missing = [];
@@ -113,7 +125,10 @@ class ComfyPage:
                 for (const [name, value] of Object.entries(widgets)) {{
                   const found = nodes.map(n => n.widgets?.find(w => w.name === name)).filter(Boolean);
                   if (!found.length) missing.push(`${{type}}.${{name}}`);
-                  for (const w of found) w.value = value;
+                  for (const w of found) {{
+                    w.value = value;
+                    w.callback?.(w.value);
+                  }}
                 }}
               }}
               {APP}.graph.setDirtyCanvas(true, true);
@@ -197,9 +212,25 @@ def tiny_train_widgets(checkpoint: str, steps: int, output_name: str, preview_ev
     train = {"steps": steps, "save_every": 0, "output_name": output_name, "overwrite": True}
     return {
         "CheckpointLoaderSimple": {"ckpt_name": checkpoint},
-        "LoadImageTextSetFromFolderNode": {"width": 64, "height": 64},
+        "TLoRALoadTrainingImages": {"width": 64, "height": 64},
         "TLoRATrain": {**train, "preview_every": preview_every},
         "EmptyLatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+    }
+
+
+def tiny_sd35_widgets(
+    unet: str, clip: str, vae: str, steps: int, output_name: str, preview_every: int = 0
+) -> dict[str, dict]:
+    """train_tlora_sd35.json's widgets for a short run at 64 px on the tiny SD3.5 model, CLIP-L and VAE files."""
+    train = {"steps": steps, "save_every": 0, "output_name": output_name, "overwrite": True}
+    return {
+        "UNETLoader": {"unet_name": unet},
+        "CLIPLoader": {"clip_name": clip},
+        "VAELoader": {"vae_name": vae},
+        "TLoRALoadTrainingImages": {"width": 64, "height": 64},
+        "TLoRATrain": {**train, "preview_every": preview_every},
+        "EmptySD3LatentImage": {"width": 64, "height": 64},
         "KSampler": {"steps": 2},
     }
 

@@ -13,11 +13,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+FILE_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_FILE_ORDER = 16  # most cores (or rotation factors) one module's group may have
+
+
+def layer_widths(weight_shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(out, in)`` of a flattened layer weight: ``in`` is ``in_channels·kh·kw`` for a conv."""
+    return int(weight_shape[0]), math.prod(int(s) for s in weight_shape[1:])
+
+
+def expect(condition: bool, problem: str) -> None:
+    """Raise ValueError(``problem``) unless ``condition``: one line per file-format rule."""
+    if not condition:
+        raise ValueError(problem)
 
 
 class ConvArgs(NamedTuple):
@@ -63,6 +77,8 @@ class Adapter(nn.Module):
     file_mark: ClassVar[str] = ""
     file_fixed: ClassVar[tuple[str, ...]] = ()  # other single keys, after the prefix
     file_indexed: ClassVar[tuple[str, ...]] = ()  # keys ``<name>.0``, ``<name>.1``, … after the prefix
+    # the valid groups: each a set of fixed and indexed names, besides the mark (tlora.validate.layout_of)
+    file_layouts: ClassVar[tuple[tuple[str, ...], ...]] = ()
     # -- training hooks
     bypassed: bool = False  # when set, the attached layer runs as the frozen base (DCO's reference pass)
 
@@ -118,6 +134,26 @@ class Adapter(nn.Module):
         """Rebuild an adapter from what :meth:`file_tensors` wrote. Raises ValueError when the
         tensors are incomplete or do not fit ``weight_shape``."""
         raise NotImplementedError
+
+    @classmethod
+    def check_file_tensors(cls, group: Mapping[str, Any], weight_shape: tuple[int, ...] | None = None) -> None:
+        """Raise ValueError unless ``group`` (one module's keys, already one of ``file_layouts``;
+        tensors or header entries: only ``shape`` and ``dtype`` are read) has this class's dtypes and
+        shapes, consistent with each other, ranks ≥ 1 and bounded by the layer's width, and, given
+        ``weight_shape``, made for that layer. Nothing is allocated: it runs before building."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_shapes(cls, group: Mapping[str, Any], integer: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+        """``name → shape`` of a group (prefix dropped), refusing a dtype other than floating point
+        (int64 for the names in ``integer``)."""
+        shapes = {}
+        for key, value in group.items():
+            name = key[len(cls.file_prefix) :] if key.startswith(cls.file_prefix) else key
+            allowed = (torch.int64,) if name in integer else FILE_FLOAT_DTYPES
+            expect(value.dtype in allowed, f"{key} has dtype {value.dtype}, expected one of {list(allowed)}")
+            shapes[name] = tuple(int(s) for s in value.shape)
+        return shapes
 
     @classmethod
     def file_group(cls, tensors: Mapping[str, Tensor], module: str) -> dict[str, Tensor] | None:

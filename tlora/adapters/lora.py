@@ -3,12 +3,14 @@ a LoRA residual). Its files use the standard kohya-style keys, so every LoRA loa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-from .tlora import TLoRA
+from .base import expect
+from .tlora import TLoRA, check_widths
 
 
 class LoRA(TLoRA):
@@ -19,6 +21,21 @@ class LoRA(TLoRA):
     file_mark = "lora_up.weight"
     file_fixed = ("lora_down.weight", "alpha")
     file_indexed = ()
+    file_layouts = (("lora_down.weight", "alpha"), ("lora_down.weight",))
+
+    @classmethod
+    def check_file_tensors(cls, group: Mapping[str, Tensor], weight_shape: tuple[int, ...] | None = None) -> None:
+        """``lora_up.weight`` ``[out, r]`` (or ``[out, r, 1, 1]``), ``lora_down.weight`` ``[r, in]``
+        (or ``[r, c, kh, kw]``, in = c·kh·kw), ``alpha`` one value; 1 ≤ r ≤ min(out, in)."""
+        shapes = cls.file_shapes(group)
+        up, down = shapes["lora_up.weight"], shapes["lora_down.weight"]
+        expect(
+            (len(up) == 2 or (len(up) == 4 and up[2:] == (1, 1))) and len(down) in (2, 4) and up[1] == down[0],
+            f"lora_up.weight {list(up)} and lora_down.weight {list(down)} are not [out, r] and [r, in]",
+        )
+        expect(math.prod(shapes.get("alpha", ())) == 1, f"alpha must be one value, got shape {shapes.get('alpha')}")
+        widths_in, widths_out = {"lora_down.weight": math.prod(down[1:])}, {"lora_up.weight": up[0]}
+        check_widths(widths_in, widths_out, {"rank": up[1]}, weight_shape)
 
     def file_tensors(self) -> dict[str, Tensor]:
         up, down = self.lora_up.detach(), self.lora_down.detach()

@@ -15,6 +15,7 @@ The frozen residual ``W − U diag(σ) Vh`` is kept implicitly: the merge comput
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -27,7 +28,7 @@ from ..cost import KERNEL_COST, MEMORY_COST, tokens_of
 from ..factorize import factorize
 from ..fingerprint import OnMismatch, check_fingerprint, fingerprint
 from ..stiefel import cayley
-from .base import Adapter, ConvArgs
+from .base import MAX_FILE_ORDER, Adapter, ConvArgs, expect, layer_widths
 
 Rotation = Literal["stiefel", "cayley", "none"]
 ForwardPath = Literal["auto", "merged", "activations"]
@@ -173,6 +174,7 @@ class SODA(Adapter):
     file_mark = "soda.base_fingerprint"
     file_fixed = ("delta",)
     file_indexed = ("rotation", "cayley")
+    file_layouts = (("delta", "rotation"), ("delta", "cayley"), ("delta",))
 
     @classmethod
     def create_train(cls, method: str, weight: Tensor, **_) -> SODA:
@@ -192,6 +194,38 @@ class SODA(Adapter):
         except RuntimeError as err:
             raise ValueError(f"SODA tensors do not fit a layer weight of shape {tuple(weight_shape)}: {err}") from None
         return adapter
+
+    @classmethod
+    def check_file_tensors(cls, group: Mapping[str, Tensor], weight_shape: tuple[int, ...] | None = None) -> None:
+        """``base_fingerprint`` an int64 scalar; ``delta`` ``[r]``; ``rotation.{d}`` (or
+        ``cayley.{d}``) ``[k_d, k_d]``, k_d ≥ 2, Πk_d = in, r ≤ in; given ``weight_shape``:
+        r = min(out, in) and the k_d are :func:`rotation_factors` of the layer's in."""
+        p = cls.file_prefix
+        shapes = cls.file_shapes(group, integer=("base_fingerprint",))
+        expect(shapes["base_fingerprint"] == (), f"{cls.file_mark} must be a scalar")
+        expect(len(shapes["delta"]) == 1, f"{p}delta must be 1-D, got shape {list(shapes['delta'])}")
+        rank = shapes["delta"][0]
+        kind = "rotation" if "rotation.0" in shapes else "cayley"
+        factors = [shapes[f"{kind}.{d}"] for d in range(MAX_FILE_ORDER + 1) if f"{kind}.{d}" in shapes]
+        expect(len(factors) <= MAX_FILE_ORDER, f"more than {MAX_FILE_ORDER} rotation factors")
+        for d, f in enumerate(factors):
+            expect(len(f) == 2 and f[0] == f[1] >= 2, f"{p}{kind}.{d} has shape {list(f)}, expected [k, k], k ≥ 2")
+        sizes = tuple(f[0] for f in factors)
+        if weight_shape is not None:
+            out_features, in_features = layer_widths(weight_shape)
+            expect(
+                rank == min(out_features, in_features),
+                f"{p}delta has {rank} values; a layer of shape {list(weight_shape)} has "
+                f"{min(out_features, in_features)} singular values",
+            )
+            expected = rotation_factors(in_features, SODA_PRESETS["soda"].num_factors)
+            expect(
+                not factors or sizes == expected,
+                f"{p}{kind} factors {list(sizes)} do not rotate this layer's {in_features} inputs ({list(expected)})",
+            )
+        elif factors:
+            width = math.prod(sizes)
+            expect(rank <= width, f"{p}delta has {rank} values, more than the {width} inputs its rotation acts on")
 
     # -- the frozen SVD --------------------------------------------------------------------
     def bind(self, weight: Tensor, on_mismatch: OnMismatch = "raise") -> None:

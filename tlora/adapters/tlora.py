@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import cost, tr, trm
 from ..factorize import factorize
-from .base import Adapter, ConvArgs, base_forward
+from .base import MAX_FILE_ORDER, Adapter, ConvArgs, base_forward, expect, layer_widths
 
 Residual = Literal["tr", "lora", "none"]
 Regularizer = Literal["none", "identity", "orthogonal"]
@@ -99,6 +99,29 @@ def _indexed(tensors: Mapping[str, Tensor], name: str) -> list[Tensor]:
     while f"{name}.{len(out)}" in tensors:
         out.append(tensors[f"{name}.{len(out)}"])
     return out
+
+
+def check_widths(
+    ins: Mapping[str, int],
+    outs: Mapping[str, int],
+    ranks: Mapping[str, int],
+    weight_shape: tuple[int, ...] | None,
+    transform_rank: str = "",
+) -> None:
+    """The widths a group's parts imply agree (with the layer's, given), and every rank is
+    ≥ 1 and at most min(out, in) (the ``transform_rank`` one, on the input side only: ≤ in)."""
+    layer = layer_widths(weight_shape) if weight_shape is not None else None
+    for side, widths, index in (("input", ins, 1), ("output", outs, 0)):
+        values = {**widths, **({"the layer": layer[index]} if layer else {})}
+        expect(
+            len(set(values.values())) <= 1,
+            f"{side} widths disagree: {', '.join(f'{k} {v}' for k, v in values.items())}",
+        )
+    width_in = layer[1] if layer else next(iter(ins.values()), None)
+    width_out = layer[0] if layer else next(iter(outs.values()), None)
+    for name, rank in ranks.items():
+        bound = width_in if name == transform_rank else min(w for w in (width_in, width_out) if w is not None)
+        expect(1 <= rank <= bound, f"{name} {rank} is outside 1..{bound} (the layer's width)")
 
 
 def _matmul_t(x: Tensor, m: Tensor) -> Tensor:
@@ -179,6 +202,13 @@ class TLoRA(Adapter):
     file_mark = "tlora.scale"
     file_fixed = ("lora_up", "lora_down")
     file_indexed = ("transform", "residual_out", "residual_in")
+    file_layouts = (
+        ("transform",),
+        ("transform", "residual_out", "residual_in"),
+        ("transform", "lora_up", "lora_down"),
+        ("residual_out", "residual_in"),
+        ("lora_up", "lora_down"),
+    )
 
     @classmethod
     def create_train(
@@ -199,7 +229,9 @@ class TLoRA(Adapter):
             overrides["transform_rank"] = transform_rank
         if PRESETS[method].has_residual:
             overrides["residual_rank"] = residual_rank
-        return cls(tuple(weight.shape), preset(method, **overrides), seed=seed).to(weight.device)
+        adapter = cls(tuple(weight.shape), preset(method, **overrides), seed=seed).to(weight.device)
+        cls.check_file_tensors(adapter.file_tensors(), tuple(weight.shape))  # never train what cannot be loaded
+        return adapter
 
     def file_tensors(self) -> dict[str, Tensor]:
         tensors = super().file_tensors()
@@ -244,6 +276,55 @@ class TLoRA(Adapter):
             raise ValueError(f"tensors do not fit a layer weight of shape {tuple(weight_shape)}: {err}") from None
         adapter.scale = float(scale)
         return adapter
+
+    @classmethod
+    def check_file_tensors(cls, group: Mapping[str, Tensor], weight_shape: tuple[int, ...] | None = None) -> None:
+        """``scale`` ``[]``; ``transform.{d}`` ``[I_d, I_d, Rt, Rt]``; ``residual_out.{d}``
+        ``[O_d, R, R]`` and as many ``residual_in.{d}`` ``[I_d, R, R]`` (the transform's I_d);
+        ``lora_up`` ``[out, r]``, ``lora_down`` ``[r, in]``; in = ΠI_d, out = ΠO_d (the layer's,
+        given ``weight_shape``); at most MAX_FILE_ORDER cores; Rt ≤ in, R and r ≤ min(out, in)."""
+        p = cls.file_prefix
+        shapes = cls.file_shapes(group)
+        expect(shapes["scale"] == (), f"{cls.file_mark} must be a scalar, got shape {list(shapes['scale'])}")
+        cores = _indexed(shapes, "transform")
+        outs, ins = _indexed(shapes, "residual_out"), _indexed(shapes, "residual_in")
+        expect(max(len(cores), len(outs), len(ins)) <= MAX_FILE_ORDER, f"more than {MAX_FILE_ORDER} cores")
+        ins_width: dict[str, int] = {}  # the input width each part implies
+        outs_width: dict[str, int] = {}
+        ranks: dict[str, int] = {}  # rank name → value, each bounded below
+        if cores:
+            for d, c in enumerate(cores):
+                expect(
+                    len(c) == 4 and c[0] == c[1] and c[2] == c[3] == cores[0][2],
+                    f"{p}transform.{d} has shape {list(c)}, expected [I, I, Rt, Rt] with one Rt for all cores",
+                )
+            ins_width[f"{p}transform"] = math.prod(c[0] for c in cores)
+            ranks["transform ring rank"] = cores[0][2]
+        if outs:
+            expect(len(outs) == len(ins), f"{len(outs)} {p}residual_out cores but {len(ins)} {p}residual_in")
+            for name, side in (("residual_out", outs), ("residual_in", ins)):
+                for d, c in enumerate(side):
+                    expect(
+                        len(c) == 3 and c[1] == c[2] == outs[0][1],
+                        f"{p}{name}.{d} has shape {list(c)}, expected [n, R, R] with one R for all cores",
+                    )
+            if cores:
+                expect(
+                    [c[0] for c in ins] == [c[0] for c in cores],
+                    f"{p}residual_in factors {[c[0] for c in ins]} differ from the transform's {[c[0] for c in cores]}",
+                )
+            outs_width[f"{p}residual_out"] = math.prod(c[0] for c in outs)
+            ins_width[f"{p}residual_in"] = math.prod(c[0] for c in ins)
+            ranks["residual ring rank"] = outs[0][1]
+        if "lora_up" in shapes:
+            up, down = shapes["lora_up"], shapes["lora_down"]
+            expect(
+                len(up) == 2 and len(down) == 2 and up[1] == down[0],
+                f"{p}lora_up {list(up)} and {p}lora_down {list(down)} are not [out, r] and [r, in]",
+            )
+            outs_width[f"{p}lora_up"], ins_width[f"{p}lora_down"] = up[0], down[1]
+            ranks["LoRA rank"] = up[1]
+        check_widths(ins_width, outs_width, ranks, weight_shape, transform_rank="transform ring rank")
 
     # -- the structured pieces -------------------------------------------------------------
     def cores(self) -> list[Tensor]:
