@@ -115,20 +115,25 @@ class ComfyPage:
         return f"{APP}.graph.nodes.find(n => n.type === {js(node_type)})"
 
     def set_widgets(self, values: dict[str, dict]) -> None:
-        """``{node type: {widget name: value}}`` on every node of each type, as the frontend sets a value a user
-        entered (then calls the widget's callback); unknown names raise."""
+        """``{node type: {widget name: value}}`` on every node of each type, as the canvas sets a value a user
+        entered (then calls the widget's callback and the node's onWidgetChanged); unknown names raise."""
         missing = self.evaluate(
             f"""(() => {{
               const missing = [];
               for (const [type, widgets] of Object.entries({js(values)})) {{
                 const nodes = {APP}.graph.nodes.filter(n => n.type === type);
                 for (const [name, value] of Object.entries(widgets)) {{
-                  const found = nodes.map(n => n.widgets?.find(w => w.name === name)).filter(Boolean);
-                  if (!found.length) missing.push(`${{type}}.${{name}}`);
-                  for (const w of found) {{
+                  let found = 0;
+                  for (const node of nodes) {{
+                    const w = node.widgets?.find(w => w.name === name);
+                    if (!w) continue;
+                    found++;
+                    const old = w.value;
                     w.value = value;
-                    w.callback?.(w.value);
+                    w.callback?.(w.value, {APP}.canvas, node);
+                    node.onWidgetChanged?.(name, w.value, old, w);
                   }}
+                  if (!found) missing.push(`${{type}}.${{name}}`);
                 }}
               }}
               {APP}.graph.setDirtyCanvas(true, true);
@@ -143,21 +148,32 @@ class ComfyPage:
         self.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
     def fit_view(self, margin: float = 24) -> None:
-        """Zoom (at most 1:1) and centre the canvas on the whole graph."""
+        """Zoom (at most 1:1) and centre the graph in the part of the canvas no UI covers (frontend 1.49 draws
+        its tab bar, side toolbar and action bar over the canvas; 1.27 beside it): from each edge, the first
+        point where the canvas is what the page shows there, the median over three lines across."""
         self.evaluate(
             f"""(() => {{
-              const canvas = {APP}.canvas;
+              const canvas = {APP}.canvas, element = canvas.canvas, box = element.getBoundingClientRect();
+              const shown = (x, y) => document.elementFromPoint(x, y) === element;
+              const first = (from, to, isCanvas) => {{
+                for (let v = from; from < to ? v < to : v > to; v += from < to ? 2 : -2) if (isCanvas(v)) return v;
+                return from;
+              }};
+              const median = (at) => [0.25, 0.5, 0.75].map(at).sort((a, b) => a - b)[1];
+              const left = median(f => first(box.left, box.right, x => shown(x, box.top + f * box.height)));
+              const right = median(f => first(box.right - 1, box.left, x => shown(x, box.top + f * box.height)));
+              const top = median(f => first(box.top, box.bottom, y => shown(box.left + f * box.width, y)));
+              const bottom = median(f => first(box.bottom - 1, box.top, y => shown(box.left + f * box.width, y)));
               const title = LiteGraph.NODE_TITLE_HEIGHT;
               const nodes = {APP}.graph.nodes;
               const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
               const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
               const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-              const width = canvas.canvas.clientWidth - 2 * {margin};
-              const height = canvas.canvas.clientHeight - 2 * {margin};
+              const width = right - left - 2 * {margin}, height = bottom - top - 2 * {margin};
               const scale = Math.min(width / (x1 - x0), height / (y1 - y0), 1);
               canvas.ds.scale = scale;
-              canvas.ds.offset[0] = ({margin} + (width - (x1 - x0) * scale) / 2) / scale - x0;
-              canvas.ds.offset[1] = ({margin} + (height - (y1 - y0) * scale) / 2) / scale - y0;
+              canvas.ds.offset[0] = (left - box.left + {margin} + (width - (x1 - x0) * scale) / 2) / scale - x0;
+              canvas.ds.offset[1] = (top - box.top + {margin} + (height - (y1 - y0) * scale) / 2) / scale - y0;
               canvas.setDirty(true, true);
             }})()"""
         )
