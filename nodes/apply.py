@@ -15,11 +15,14 @@ from pathlib import Path
 
 import comfy.lora
 import comfy.sd
+import torch
 from comfy_api.latest import io, ui
 
 from ..tlora.adapters import SODA
 from ..tlora.fingerprint import fingerprint
 from ..tlora.format import AdapterFile, build_adapter, describe, inspect_adapter_file, load_adapter_file
+from ..tlora.model import is_plain_weight
+from .compat import dequantized_weight
 from .folders import LOADER_CATEGORY, adapter_file_problem, adapter_files, resolve_adapter_path
 
 log = logging.getLogger("comfyui-tlora")
@@ -88,6 +91,15 @@ def original_weight(patcher, key: str, current):
     return current if backup is None else backup.weight
 
 
+def base_weight(patcher, key: str, current):
+    """:func:`original_weight` as its layer computes with it: an fp8-scaled or quantized layer's
+    dequantized (what training fingerprinted), any other as stored."""
+    weight = original_weight(patcher, key, current)
+    if is_plain_weight(weight) or not key.endswith(".weight"):
+        return weight
+    return dequantized_weight(patcher.model.get_submodule(key[: -len(".weight")]), torch.device("cpu"))
+
+
 def check_fit(file: AdapterFile, model, clip) -> FitReport:
     """Match every module of ``file`` to a weight of ``model`` (and ``clip``) and check that
     its adapter can be rebuilt for that weight's shape."""
@@ -124,7 +136,7 @@ def check_fit(file: AdapterFile, model, clip) -> FitReport:
         recorded = int(group[SODA.file_mark]) if SODA.file_mark in group else 0
         if recorded:  # 0: not recorded, nothing to compare
             report.soda_checked += 1
-            if fingerprint(original_weight(owner[target], target, weights[target])) != recorded:
+            if fingerprint(base_weight(owner[target], target, weights[target])) != recorded:
                 report.fingerprint_mismatch.append(module)
     return report
 

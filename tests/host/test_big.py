@@ -252,3 +252,16 @@ def test_three_aspect_ratios_train_in_buckets_one_bucket_a_batch(comfy, tiny_sd1
         assert len(images_in_batch) == 2 and all(shapes[i] == shape for i in images_in_batch), (shape, images_in_batch)
     ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
     assert ups and all(t.abs().max() > 0 for t in ups)  # LoRA's up starts at zero: the parameters moved
+
+
+def test_soda_trained_on_scaled_fp8_passes_apply_tlora_fingerprint_check(source, comfy):
+    """SODA records its base weight's fingerprint; on a scaled-fp8 model that is the dequantized weight (what the
+    layer computes with), which Apply TLoRA must compare against, not the raw fp8 numbers it stores."""
+    fp8 = source.load("scaled_fp8")
+    latents = {"samples": torch.randn(1, *source.latent, generator=torch.Generator().manual_seed(0))}
+    options = pack("tlora.options").TrainingOptions(method="soda", steps=2, seed=0)
+    name = f"big/{source.key}_scaled_fp8_soda.safetensors"
+    (comfy.dirs.loras / name).unlink(missing_ok=True)
+    pack("nodes.train").train(fp8, latents, options, positive=source.positive, output=comfy.dirs.loras / name)
+    applied, _ = pack("nodes.apply").ApplyTLoRA.execute(fp8, name, 1.0, 0.0).args  # on_fingerprint_mismatch: refuse
+    assert applied is not fp8
