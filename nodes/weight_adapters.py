@@ -45,11 +45,16 @@ class _TensorGroupAdapter(WeightAdapterBase):
         self.suffixes = tuple(k[len(self.module) + 1 :] for k in self.loaded_keys)
         self._built: dict[tuple, Adapter] = {}
         self._refused = False  # bypass_forward logs a refusal once
+        # ComfyUI's bypass injection casts every weight to the layer's dtype: integer ones (SODA's
+        # fingerprint) are kept as loaded, exact
+        self._integers = {s: w for s, w in zip(self.suffixes, self.weights, strict=True) if not w.is_floating_point()}
 
     @property
     def group(self) -> dict[str, torch.Tensor]:
-        """``suffix → tensor`` of the current ``weights`` (the host may move or replace them)."""
-        return dict(zip(self.suffixes, self.weights, strict=True))
+        """``suffix → tensor`` of the current ``weights`` (the host may move or replace them),
+        integer tensors as loaded."""
+        group = dict(zip(self.suffixes, self.weights, strict=True))
+        return {**group, **{s: w.to(group[s].device) for s, w in self._integers.items()}}
 
     @classmethod
     def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):

@@ -121,3 +121,18 @@ def test_the_bypass_loader_runs_the_bad_layer_as_the_base_one(hostile, stem, cap
 
 def hostile_path(stem: str):
     return importlib.import_module("folder_paths").get_full_path_or_raise("loras", file_name(stem))
+
+
+def test_the_bypass_loader_checks_sodas_exact_fingerprint(hostile, caplog):
+    """ComfyUI's bypass injection casts every adapter tensor to the layer's dtype, the int64
+    fingerprint too: the registered adapter keeps it as loaded, so a SODA on its own base weights
+    is applied and checked exactly (no refusal for a float fingerprint, no mismatch warning)."""
+    import warnings
+
+    load_bypass = bypass_loader()
+    with warnings.catch_warnings(), caplog.at_level(logging.ERROR, logger="comfyui-tlora"):
+        warnings.simplefilter("error")  # a fingerprint mismatch is a UserWarning
+        out = bypass_output(load_bypass(hostile.model, None, dict(hostile.good["soda"]), 1.0, 0.0)[0])
+    assert not caplog.records, caplog.text
+    base = bypass_output(hostile.model)
+    assert torch.isfinite(out).all() and (out - base).norm() > 1e-3 * base.norm()
