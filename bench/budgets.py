@@ -1,4 +1,4 @@
-"""Trainable parameters of each adapter over the attention q/k/v/out layers of SD1.5 and SDXL.
+"""Trainable parameters of each adapter over each family's default layer set (``attention``).
 
     python bench/budgets.py
 
@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shapes import MODELS
+from shapes import FAMILIES, MODELS
 
 from tlora import SODA, SODAConfig, TLoRA, preset, soda_preset
 
@@ -55,6 +55,12 @@ def main() -> int:
             paper = PAPER.get((model, row))
             cells.append(f"{n / 1e6:8.3f}M" + (f" (paper {paper:.3f}M)" if paper else " " * 19))
         print(f"{row:<16}" + "".join(f"{c:>24}" for c in cells))
+    print()
+    families = {(model, row): count(layers, cfg) for model, layers in FAMILIES.items() for row, cfg in ROWS.items()}
+    print(f"{'adapter':<16}" + "".join(f"{m:>14}" for m in FAMILIES))
+    print(f"{'(layers)':<16}" + "".join(f"{len(layers):>14}" for layers in FAMILIES.values()))
+    for row in ROWS:
+        print(f"{row:<16}" + "".join(f"{families[m, row] / 1e6:13.2f}M" for m in FAMILIES))
     bad = [(k, counts[k], v) for k, v in PAPER.items() if round(counts[k] / 1e6, 3) != v]
     for key, got, want in bad:
         print(f"MISMATCH {key}: {got / 1e6:.3f}M vs paper {want:.3f}M")

@@ -1,6 +1,6 @@
-"""Forward+backward time of one adapted layer at real SD1.5 / SDXL shapes, every path side by side.
+"""Forward+backward time of one adapted layer at real SD1.5 / SDXL (and DiT family) shapes, every path side by side.
 
-    python bench/layer_speed.py [--device cuda] [--dtype bf16] [--repeats 7]
+    python bench/layer_speed.py [--device cuda] [--dtype bf16] [--repeats 7] [--shapes sd|families|all]
 
 For each shape: the frozen base layer alone, LoRA r=4, and TLoRA(2,6) on each path
 (merged: W·T + sΔ built; transform: dense T applied to activations; contract: cores
@@ -32,6 +32,13 @@ SHAPES = [  # (label, out, in, tokens)
     ("SDXL self-attn 640 @4096", 640, 640, 4096),
     ("SDXL self-attn 1280 @1024", 1280, 1280, 1024),
     ("SDXL cross-attn k 2048→1280 @77", 1280, 2048, 77),
+]
+FAMILY_SHAPES = [  # the widest layers of the DiT families' default sets (tlora/targets.py), at real token counts
+    ("Flux fused qkv 3072→9216 @4096", 9216, 3072, 4096),
+    ("Flux single linear2 15360→3072 @4096", 3072, 15360, 4096),
+    ("SD3.5 Large qkv 2432→7296 @4096", 7296, 2432, 4096),
+    ("Qwen-Image q 3072 @4096", 3072, 3072, 4096),
+    ("Wan 14B self-attn 5120 @32760", 5120, 5120, 32760),
 ]
 TARGETS = {  # label: (row, max ratio to LoRA r=4) — issue #2's acceptance
     "SD1.5 self-attn 320 @4096": ("TLoRA(2,6) auto", 1.5),
@@ -108,13 +115,15 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shapes", default="sd", choices=["sd", "families", "all"], help="families: DiT widths (GPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     torch.manual_seed(0)
     print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}")
     failures = 0
-    for label, out, inp, tokens in SHAPES:
+    shapes = {"sd": SHAPES, "families": FAMILY_SHAPES, "all": SHAPES + FAMILY_SHAPES}[args.shapes]
+    for label, out, inp, tokens in shapes:
         res = bench_shape(out, inp, tokens, device, dtype, args.repeats)
         lora = res["LoRA r=4"]
         picks = {k.removeprefix("chosen by "): res.pop(k) for k in [k for k in res if k.startswith("chosen by ")]}

@@ -1,11 +1,12 @@
 """Regenerate the README's screenshots (docs/img/*.png) and the template browser's thumbnails
 (example_workflows/*.jpg) from a real run of the example workflows in ComfyUI, with the code of the
-browser tests (tests/host/): ComfyUI with only this pack, headless Chromium, the tiny test checkpoint.
+browser tests (tests/host/): ComfyUI with only this pack, headless Chromium, the tiny test checkpoints.
 
     COMFYUI_PATH=/path/to/ComfyUI CHROMIUM=/path/to/chromium /path/to/ComfyUI/venv/bin/python docs/screenshots.py
 
 Train TLoRA trains ``--steps`` steps on two noise images, with four previews; Apply TLoRA then applies the
-file it saved. The checkpoint has random weights: the images are noise, the loss is real.
+file it saved; the SD3.5 template trains as many steps on the tiny SD3.5 model (its thumbnail only). The models
+have random weights: the images are noise, the loss is real.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from host.browser import Browser, find_chromium  # noqa: E402
-from host.ui import ComfyPage, tiny_train_widgets, write_training_images  # noqa: E402
+from host.ui import ComfyPage, tiny_sd35_widgets, tiny_train_widgets, write_training_images  # noqa: E402
 
 from tools import comfyui_host as comfyhost  # noqa: E402
 
@@ -67,13 +68,20 @@ def main() -> int:
         print(why or why_not, file=sys.stderr)
         return 2
     comfyhost.import_host(comfy_path)
+    from host.families import FAMILIES, write_family
     from host.server import ComfyServer
 
-    from tools.tiny_checkpoints import write_tiny_sd15
+    from tools.tiny_checkpoints import write_clip_l, write_taesd3, write_tiny_sd15
 
     with tempfile.TemporaryDirectory(prefix="tlora-screenshots-") as tmp:
-        checkpoint = write_tiny_sd15(Path(tmp) / "models" / "checkpoints" / "tiny_sd15.safetensors", comfy_path)
-        server = ComfyServer(comfy_path, REPO, Path(tmp) / "server", Path(tmp) / "models").start(timeout=300)
+        models = Path(tmp) / "models"
+        checkpoint = write_tiny_sd15(models / "checkpoints" / "tiny_sd15.safetensors", comfy_path)
+        sd35 = (
+            write_family(FAMILIES["sd35"], models / "diffusion_models" / "tiny_sd35.safetensors"),
+            write_clip_l(models / "text_encoders" / "tiny_clip_l.safetensors", comfy_path),
+            write_taesd3(models / "vae" / "tiny_taesd3.safetensors"),
+        )
+        server = ComfyServer(comfy_path, REPO, Path(tmp) / "server", models).start(timeout=300)
         try:
             write_training_images(server.input_dir / "my_subject")
             with Browser(chromium, *VIEWPORT, timeout=120) as browser:
@@ -102,6 +110,14 @@ def main() -> int:
                 page.next_frame()
                 save_png(browser.screenshot(), IMG / "apply_tlora.png")
                 save_thumbnail(page, "TLoRAApply", THUMBNAILS / "apply_tlora.jpg")
+
+                page.open_template(server.pack_dir_name, "train_tlora_sd35")
+                names = [path.name for path in sd35]
+                page.set_widgets(tiny_sd35_widgets(*names, args.steps, "my_subject_sd35", args.steps // 4))
+                page.wait_run(page.queue(), timeout=1800)
+                page.fit_view()
+                page.next_frame()
+                save_thumbnail(page, "TLoRATrain", THUMBNAILS / "train_tlora_sd35.jpg")
                 if page.pack_errors():
                     print(f"errors from the pack's JavaScript: {page.pack_errors()}", file=sys.stderr)
                     return 1

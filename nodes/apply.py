@@ -34,6 +34,12 @@ def architecture_of(model) -> str:
     return type(model.model.model_config).__name__
 
 
+def architecture_names(model) -> list[str]:
+    """The model's config class name and its parents' (``FluxSchnell``, ``Flux``, …): what
+    :mod:`tlora.targets` resolves layer groups with."""
+    return [cls.__name__ for cls in type(model.model.model_config).__mro__]
+
+
 @dataclass
 class FitReport:
     """How an adapter file's modules map onto a model."""

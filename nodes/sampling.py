@@ -24,6 +24,8 @@ import torch
 from comfy_extras.nodes_train import make_batch_extra_option_dict
 
 from ..tlora.batched import prepared
+from ..tlora.dataset import draw_batch
+from ..tlora.distributed import World
 from ..tlora.model import bypassed
 from ..tlora.run import RunFiles
 from ..tlora.train import dco_loss, step_generator
@@ -94,24 +96,37 @@ class TrainingLoop:
     node_id: str | None = None
     preview_vae: object | None = None
     _previewer: object | None = None  # ComfyUI's latent previewer, made at the first preview
+    buckets: list[torch.Tensor] | None = None  # latents of several shapes (else the sampler's latent is all)
 
     @property
     def trainer(self):
         return self.files.trainer
 
-    def micro_loss(self, model_wrap, extra_args, latents, conditioner: Conditioner):
+    def dataset(self, model_wrap, latent_image: torch.Tensor) -> list[torch.Tensor]:
+        """The training latents as the sampler prepared its ``latent_image`` (on the device, through
+        ``process_latent_in``): that one, or each bucket likewise."""
+        if self.buckets is None:
+            return [latent_image]
+        process = model_wrap.inner_model.process_latent_in
+        return [process(b.detach().to(latent_image.device, latent_image.dtype)) for b in self.buckets]
+
+    def micro_loss(self, model_wrap, extra_args, buckets: list[torch.Tensor], conditioner: Conditioner):
         cfg = self.trainer.config
         sampling = model_wrap.inner_model.model_sampling
-        count, device, dtype = latents.shape[0], latents.device, cfg.torch_dtype
+        sizes = [len(b) for b in buckets]
+        count, device, dtype = sum(sizes), buckets[0].device, cfg.torch_dtype
         batched = device.type == "cuda" if cfg.batched_factors is None else cfg.batched_factors
+        world = World.current()  # data parallel: all ranks draw the whole micro-batch, each trains its shard
 
         def loss(step: int, micro: int) -> torch.Tensor:
             gen = step_generator(cfg.seed, step, micro)
-            idx = torch.randperm(count, generator=gen)[: cfg.batch_size].tolist()
-            x0 = latents[idx].float()
-            percents = torch.rand(len(idx), generator=gen)
+            bucket, drawn = draw_batch(sizes, cfg.batch_size * world.size, gen)
+            mine, weight = world.shard(len(drawn)), world.shard_weight(len(drawn))
+            x0 = buckets[bucket][drawn[mine]].float()
+            idx = [sum(sizes[:bucket]) + row for row in drawn[mine]]  # the images' places in the dataset (captions)
+            percents = torch.rand(len(drawn), generator=gen)[mine]
             sigma = torch.tensor([float(sampling.percent_to_sigma(p.item())) for p in percents], device=device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
+            noise = torch.randn((len(drawn), *x0.shape[1:]), generator=gen)[mine].to(device)
             xt = sampling.noise_scaling(sigma, noise, x0, False)
             c_out = sampling.calculate_denoised(sigma, torch.ones_like(xt), torch.zeros_like(xt))
             extra = make_batch_extra_option_dict(extra_args, idx, full_size=count)
@@ -128,10 +143,10 @@ class TrainingLoop:
 
             error = prediction_error(self.trainer.adapters.values())
             if cfg.loss == "mse":
-                return error.mean()
+                return error.mean() * weight
             with torch.no_grad(), bypassed(self.trainer.adapters.values()):
                 reference = prediction_error(())  # the base model: text encoder and UNet unadapted
-            return dco_loss(error, reference, cfg.dco_beta)
+            return dco_loss(error, reference, cfg.dco_beta) * weight
 
         return loss
 
@@ -164,17 +179,20 @@ class TrainingLoop:
         trainer = self.trainer
         cfg = trainer.config
         conditioner = Conditioner(model_wrap.inner_model, self.positive, self.text, cfg.seed)
-        micro_loss = self.micro_loss(model_wrap, extra_args, latents, conditioner)
+        buckets = self.dataset(model_wrap, latents)
+        micro_loss = self.micro_loss(model_wrap, extra_args, buckets, conditioner)
         bar = comfy.utils.ProgressBar(cfg.steps)
         bar.update_absolute(trainer.step, cfg.steps)
         start, first = time.perf_counter(), trainer.step
         while not trainer.done:
             comfy.model_management.throw_exception_if_processing_interrupted()
             loss = trainer.train_step(micro_loss)
+            self.files.log_step(loss)
             eta = (time.perf_counter() - start) / (trainer.step - first) * (cfg.steps - trainer.step)
             preview = None
-            if cfg.preview_every and (trainer.step % cfg.preview_every == 0 or trainer.done):
-                preview = ("JPEG", self.preview(model_wrap, extra_args, latents, conditioner), 512)
+            due = cfg.preview_every and (trainer.step % cfg.preview_every == 0 or trainer.done)
+            if due and World.current().is_main:
+                preview = ("JPEG", self.preview(model_wrap, extra_args, buckets[0], conditioner), 512)
             bar.update_absolute(trainer.step, cfg.steps, preview)
             send_progress(self.node_id, trainer.step, cfg.steps, loss, eta, preview is not None)
             if self.files.save_due():

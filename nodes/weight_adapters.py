@@ -46,16 +46,11 @@ class _TensorGroupAdapter(WeightAdapterBase):
         self._built: dict[tuple, Adapter] = {}
         self._refused = False  # bypass_forward refused this module: the layer runs as the base one
         self._output_checked = False  # bypass_forward checked its first output
-        # ComfyUI's bypass injection casts every weight to the layer's dtype: integer ones (SODA's
-        # fingerprint) are kept as loaded, exact
-        self._integers = {s: w for s, w in zip(self.suffixes, self.weights, strict=True) if not w.is_floating_point()}
 
     @property
     def group(self) -> dict[str, torch.Tensor]:
-        """``suffix → tensor`` of the current ``weights`` (the host may move or replace them),
-        integer tensors as loaded."""
-        group = dict(zip(self.suffixes, self.weights, strict=True))
-        return {**group, **{s: w.to(group[s].device) for s, w in self._integers.items()}}
+        """``suffix → tensor`` of the current ``weights`` (the host may move or replace them)."""
+        return {s: _from_host(s, w) for s, w in zip(self.suffixes, self.weights, strict=True)}
 
     @classmethod
     def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
@@ -71,7 +66,7 @@ class _TensorGroupAdapter(WeightAdapterBase):
         keys = tuple(f"{x}.{suffix}" for suffix in group)
         if loaded_keys is not None:
             loaded_keys.update(keys)
-        return cls(keys, tuple(group.values()))
+        return cls(keys, tuple(_to_host(t) for t in group.values()))
 
     def adapter_for(self, shape: tuple[int, ...], device: torch.device) -> Adapter:
         key = (tuple(shape), device)
@@ -140,6 +135,18 @@ class _TensorGroupAdapter(WeightAdapterBase):
         """Only the residual alone is additive (``m·s·x·Δᵀ``); a transform or SODA's rotation
         acts inside the frozen layer, so ComfyUI's bypass hook calls :meth:`bypass_forward`."""
         raise NotImplementedError(f"{self.name} adapters act inside the layer: use bypass_forward")
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """An integer tensor (SODA's int64 fingerprint) as its bytes in float32, 0..255 each: ComfyUI's
+    bypass hook casts every adapter tensor to the layer's float dtype, and bytes survive any such cast."""
+    return t if t.is_floating_point() else t.reshape(1).view(torch.uint8).float()
+
+
+def _from_host(suffix: str, t: torch.Tensor) -> torch.Tensor:
+    if suffix != SODA.file_mark:
+        return t
+    return t.float().round().to(torch.uint8).cpu().view(torch.int64).reshape(())
 
 
 class TLoRAWeightAdapter(_TensorGroupAdapter):

@@ -9,8 +9,10 @@ from tlora.model import (
     attached,
     bypassed,
     checkpointed_blocks,
+    is_plain_weight,
     make_adapters,
     norms_on_copies,
+    recomputed_in_backward,
     select_modules,
     swapped_forwards,
 )
@@ -50,7 +52,7 @@ def test_select_groups_and_patterns():
     assert sorted(select_modules(block, ["feed_forward", "proj"])) == ["ff.net.2", "proj_in"]  # ff.net.0 is no proj
     assert sorted(select_modules(block, [], ["*.to_q", "proj_*"])) == ["attn2.to_q", "proj_in"]
     assert select_modules(block, [], ["depthwise"]) == {}  # grouped conv is not one matrix
-    with pytest.raises(ValueError, match="unknown target group"):
+    with pytest.raises(ValueError, match=r"no layer group 'mlp' for this model: its groups are \['attention'"):
         select_modules(block, ["mlp"])
 
 
@@ -147,3 +149,138 @@ def test_make_adapters_starts_at_the_base_model(method):
 def test_make_adapters_rejects_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'dora'"):
         make_adapters({}, "dora")
+
+
+# -- bypass training: the adapters around the layer's own forward --------------------------------------------
+
+
+class Fp8Linear(nn.Module):
+    """A layer that stores its weight in float8 with a scale and upcasts it in its forward (as fp8 hosts do);
+    not an nn.Linear subclass."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.scale = weight.abs().max() / 448
+        self.weight = nn.Parameter((weight / self.scale).to(torch.float8_e4m3fn), requires_grad=False)
+        self.casts = 0
+
+    def dequantized(self, device=None) -> torch.Tensor:
+        return self.weight.to(device, torch.float32) * self.scale
+
+    def forward(self, x):
+        self.casts += 1
+        return nn.functional.linear(x, self.dequantized().to(x.dtype))
+
+
+def fp8_weight_of(module, device):
+    return module.dequantized(device) if isinstance(module, Fp8Linear) else module.weight.to(device, torch.float32)
+
+
+@pytest.mark.parametrize("method", ["tlora", "soda", "lora"])
+def test_bypass_training_matches_the_merged_layer_and_trains(method):
+    """The bypass form around each layer's forward gives the merged output and the same gradients;
+    on an fp8 layer (not an nn.Linear) it trains through the layer's own upcast."""
+    torch.manual_seed(0)
+    block = Block().requires_grad_(False)
+    x, ctx = torch.randn(2, 8, 4, 4), torch.randn(2, 5, 12)
+    modules = select_modules(block, ["attention", "proj"])  # Linear and a 1×1 conv
+    adapters = make_adapters(modules, method, transform_rank=1, residual_rank=2, seed=3)
+    with torch.no_grad():
+        for a in adapters.values():
+            for p in a.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    results = []
+    for bypass in (False, True):
+        for a in adapters.values():
+            a.zero_grad()
+        with attached(modules, adapters, bypass=bypass):
+            y = block(x, ctx)
+            y.square().sum().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, a in adapters.items() for p in a.parameters()}))
+    (merged, merged_grads), (bypassed_out, bypass_grads) = results
+    torch.testing.assert_close(bypassed_out, merged, atol=1e-5, rtol=1e-5)
+    for name in merged_grads:
+        torch.testing.assert_close(bypass_grads[name], merged_grads[name], atol=1e-4, rtol=1e-4)
+
+    block.attn2.to_q = Fp8Linear(block.attn2.to_q.weight)
+    modules = select_modules(block, ["attention"])
+    assert isinstance(modules["attn2.to_q"], Fp8Linear)  # in_features, out_features, a 2-D weight
+    adapters = make_adapters(modules, method, seed=3, residual_rank=2, weight_of=lambda m: fp8_weight_of(m, "cpu"))
+    before = {n: p.detach().clone() for n, p in adapters["attn2.to_q"].named_parameters()}
+    optimizer = torch.optim.SGD([p for a in adapters.values() for p in a.parameters()], lr=1.0)
+    with attached(modules, adapters, bypass=True, weight_of=fp8_weight_of):
+        block(x, ctx).square().sum().backward()
+        optimizer.step()
+    assert block.attn2.to_q.weight.dtype == torch.float8_e4m3fn and block.attn2.to_q.casts == 1
+    moved = [n for n, p in adapters["attn2.to_q"].named_parameters() if not torch.equal(p, before[n])]
+    assert moved, "no parameter of the fp8 layer's adapter moved"
+
+
+def test_is_plain_weight():
+    assert is_plain_weight(nn.Linear(2, 2).weight) and is_plain_weight(torch.zeros(2, dtype=torch.bfloat16))
+    assert not is_plain_weight(torch.zeros(2, dtype=torch.float8_e4m3fn))
+    assert not is_plain_weight(Fp8Linear(torch.randn(4, 4)).weight)
+
+
+def test_recomputed_in_backward_keeps_no_cast_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    layer, head = Fp8Linear(torch.randn(16, 16)), nn.Linear(16, 1)
+    x = torch.randn(4, 16, requires_grad=True)
+
+    def saved_shapes():
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            y = head(layer(x).relu())
+        return y, shapes
+
+    y, shapes = saved_shapes()
+    y.sum().backward()
+    plain = x.grad.clone()
+    assert (16, 16) in shapes  # autograd keeps the upcast weight for backward
+    x.grad = None
+    layer.casts = 0
+    with recomputed_in_backward([layer]):
+        y, shapes = saved_shapes()
+        assert (16, 16) not in shapes
+        y.sum().backward()
+    assert layer.casts == 2 and "forward" not in layer.__dict__  # ran again in backward; restored
+    torch.testing.assert_close(x.grad, plain)
+
+
+def test_recomputed_layers_reach_the_adapters_and_keep_autocast():
+    """An adapter attached around a recomputed layer gets the same gradients; the layer runs again under
+    the forward's autocast."""
+    torch.manual_seed(0)
+    block = Block().requires_grad_(False)
+    x, ctx = torch.randn(2, 8, 4, 4), torch.randn(2, 5, 12)
+    modules = select_modules(block, ["attention"])
+    adapters = make_adapters(modules, "tlora", transform_rank=1, residual_rank=2, seed=1)
+    grads = []
+    dtypes = []
+    to_k = block.attn2.to_k
+    to_k.forward = lambda x: dtypes.append(nn.Linear.forward(to_k, x).dtype) or nn.Linear.forward(to_k, x)
+    for recompute in (False, True):
+        for a in adapters.values():
+            a.zero_grad()
+        with (
+            recomputed_in_backward(modules.values()) if recompute else swapped_forwards({}),
+            attached(modules, adapters, bypass=True),
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
+            block(x, ctx).float().square().sum().backward()
+        grads.append([p.grad.clone() for a in adapters.values() for p in a.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert dtypes == [torch.bfloat16] * 3  # forward, forward, and the recompute in backward
+
+
+def test_nested_swaps_restore_the_outer_forward():
+    layer = nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    outer = swapped_forwards({layer: lambda x: x * 2})
+    with outer:
+        with swapped_forwards({layer: lambda x: x * 3}):
+            assert torch.equal(layer(x), x * 3)
+        assert torch.equal(layer(x), x * 2)
+    assert "forward" not in layer.__dict__

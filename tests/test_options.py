@@ -85,6 +85,8 @@ def test_every_option_reaches_the_command_line():
         "preview_every": 5,
         "weight_decay": 0.01,
         "resume_adapter_only": True,
+        "bypass_mode": True,
+        "max_weight_memory": 2.5,
     }
     on_cli = [f for f in dataclasses.fields(TrainingOptions) if f.metadata["cli"] != ""]
     assert sorted(changed) == sorted(f.name for f in on_cli)  # a new option must be added here too

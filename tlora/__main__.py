@@ -2,6 +2,7 @@
 
     python -m tlora info FILE                      what an adapter file is
     python -m tlora train --comfyui PATH …         train headless through a ComfyUI install
+    torchrun --nproc_per_node N -m tlora train …   the same, data-parallel over N GPUs (or processes)
     python -m tlora budgets                        parameter budgets at SD1.5 / SDXL shapes
     python -m tlora export FILE --checkpoint CKPT --rank R --output OUT [--bake]
                                                    a plain LoRA (or weight diffs) from any adapter file
@@ -23,7 +24,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from . import options
+from . import distributed, options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint ComfyUI loads (SD1.5, SDXL, …)")
     data.add_argument("--images", required=True, type=Path, help="folder of images with a caption .txt beside each")
     data.add_argument("--size", type=parse_size, help="center-crop and resize every image to WxH")
+    data.add_argument(
+        "--bucket-resolution",
+        type=int,
+        default=0,
+        help="aspect-ratio buckets of about this² pixels (e.g. 512, 1024) instead of one size (default: off)",
+    )
+    data.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default: 64)")
     data.add_argument("--caption", help="caption for images without a .txt file")
     options.add_arguments(parser)
+    parallel = parser.add_argument_group("data parallel (under torchrun)")
+    parallel.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=distributed.STEP_TIMEOUT,
+        help="seconds a rank waits for the others at a step before giving up (default: %(default)s)",
+    )
 
 
 def boot_host(comfy_path: Path):
@@ -99,13 +114,16 @@ def run_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         training = options.from_arguments(args)
     except ValueError as err:
         parser.error(str(err))
-    pack = boot_host(Path(args.comfyui))
-    headless = importlib.import_module(f"{pack.__name__}.nodes.headless")
-    try:
-        return headless.run(args, training)
-    except (ValueError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    world = distributed.World.from_env()  # torchrun's rank, else one process
+    world.select_device()  # before ComfyUI picks its device
+    with distributed.DataParallel(world, step_timeout=args.dist_timeout) as parallel:
+        pack = boot_host(Path(args.comfyui))
+        headless = importlib.import_module(f"{pack.__name__}.nodes.headless")
+        try:
+            return headless.run(args, training, parallel)
+        except (ValueError, FileExistsError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
 
 def run_export(args) -> int:

@@ -18,13 +18,6 @@ import torch
 
 from .adapters import METHODS
 
-TARGET_CHOICES = (
-    "attention",
-    "attention,proj",
-    "attention,feed_forward",
-    "attention,conv",
-    "attention,text_attention",
-)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_RESUME = ""
 MAX_OUTPUT_NAME_BYTES = 200  # + ".tlora-state" + a temporary's ".<8>.tmp" stays within a file system's 255
@@ -68,8 +61,9 @@ class TrainingOptions:
     )
     targets: str = option(
         "attention",
-        "Layers to adapt, comma-separated groups; text_attention (the text encoder's) needs clip + captions.",
-        choices=TARGET_CHOICES,
+        "Layers to adapt, comma-separated: the model family's groups (attention, the default, everywhere; "
+        "also e.g. mlp, self_attention, image_stream; docs/families.md), text_attention (the text encoder's, "
+        "needs clip + captions), or layer-name globs like *.attn.qkv.",
     )
     regularizer: str = option(
         "none", "Penalty on T: towards I, or towards orthogonal.", choices=("none", "identity", "orthogonal")
@@ -102,12 +96,25 @@ class TrainingOptions:
         False,
         "Resume from the adapter file alone, with a fresh optimizer, when its .tlora-state is not from the same save.",
     )
+    bypass_mode: bool = option(
+        False,
+        "Run the adapters around the frozen layers' own forward instead of merging them into the weights "
+        "(always on for fp8 or quantized base weights, and when weights are offloaded).",
+    )
+    max_weight_memory: float = option(
+        0.0,
+        "GiB of model weights kept on the GPU; the rest stays in system memory and is copied in at each use "
+        "(slower; for models larger than the GPU). 0: as many as fit beside the run.",
+        min=0.0,
+        max=4096.0,
+        step=0.5,
+    )
 
     def __post_init__(self):
         problems = []
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
-            if meta["choices"] and f.name != "targets" and value not in meta["choices"]:
+            if meta["choices"] and value not in meta["choices"]:
                 problems.append(f"{f.name} must be one of {list(meta['choices'])}, got {value!r}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if not math.isfinite(value):
@@ -189,8 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, required=True, help=meta["help"])
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            choices = meta["choices"] if f.name != "targets" else None
-            group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=choices, help=help_text)
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta["choices"], help=help_text)
 
 
 def from_arguments(args: argparse.Namespace) -> TrainingOptions:

@@ -1,6 +1,7 @@
 """A training run's files: the adapter file and, beside it, the optimizer state it resumes
-from (``<name>.tlora-state``); their metadata; saving; resuming. Host-free: the node and the
-command line hand in the adapters, the trainer and where to save.
+from (``<name>.tlora-state``) and the loss log (``<name>.loss.csv``); their metadata; saving;
+resuming. Host-free: the node and the command line hand in the adapters, the trainer and where
+to save.
 
 The two files are written one after the other (each atomically), so a crash between the two
 renames leaves a pair from different saves. Both carry the run's id and the step
@@ -12,8 +13,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,11 +36,44 @@ LOCAL_OPTIONS = (  # about this machine's files: not written into them
     "overwrite",
     "resume_adapter_only",
 )
+LOSS_LOG_SUFFIX = ".loss.csv"
+LOSS_LOG_HEADER = "step,loss,lr,time"
 
 
 def state_path(adapter_path: Path) -> Path:
     """The optimizer-state file kept beside an adapter file, for resuming."""
     return adapter_path.with_name(adapter_path.name + STATE_SUFFIX)
+
+
+def loss_log_path(adapter_path: Path) -> Path:
+    """The loss log kept beside an adapter file: a CSV row per step (:data:`LOSS_LOG_HEADER`)."""
+    return adapter_path.with_suffix(LOSS_LOG_SUFFIX)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step as the loss log and the progress display see it."""
+
+    step: int  # steps done, 1-based
+    loss: float  # the step's mean loss (over micro-batches and ranks)
+    lr: float  # the learning rate the step used (SODA's rotations: scaled alike)
+    time: float  # when it ended, seconds since the epoch
+
+    def csv_row(self) -> str:
+        return f"{self.step},{self.loss:.8g},{self.lr:.8g},{self.time:.3f}"
+
+
+def start_loss_log(path: Path, first_step: int) -> None:
+    """Make ``path`` a loss log a run continues at ``first_step``: keep the rows of earlier steps
+    (a resumed run; rows past the resumed step came from a run that went on without saving),
+    drop the rest, or start with the header alone."""
+    rows = []
+    if first_step > 1 and path.is_file():
+        lines = path.read_text().splitlines()
+        if lines[:1] == [LOSS_LOG_HEADER]:
+            rows = [line for line in lines[1:] if int(line.split(",", 1)[0]) < first_step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([LOSS_LOG_HEADER, *rows]) + "\n")
 
 
 def fit_batch(options: TrainingOptions, images: int) -> TrainingOptions:
@@ -84,7 +119,9 @@ class RunFiles:
     adapters: dict[str, Adapter]
     metadata: dict[str, str]
     path: Path | None
+    on_step: Callable[[StepRecord], None] | None = None  # e.g. the command line's progress display
     last_save_step: int = 0
+    _log_started: bool = field(default=False, repr=False)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def save(self, interrupted: bool = False) -> Path | None:
@@ -106,6 +143,21 @@ class RunFiles:
         write_safetensors(state_path(self.path), tensors, {**state_meta, RUN_ID_KEY: self.run_id}, overwrite=True)
         self.last_save_step = step
         return self.path
+
+    def log_step(self, loss: float) -> StepRecord:
+        """After each optimizer step: a row in the loss log beside the adapter, then ``on_step``."""
+        cfg, step = self.trainer.config, self.trainer.step
+        record = StepRecord(step, loss, cfg.learning_rate * cfg.lr_factor(step - 1), time.time())
+        if self.path is not None:
+            log = loss_log_path(self.path)
+            if not self._log_started:
+                start_loss_log(log, step)
+                self._log_started = True
+            with log.open("a") as f:
+                f.write(record.csv_row() + "\n")
+        if self.on_step is not None:
+            self.on_step(record)
+        return record
 
     def save_due(self) -> bool:
         """Whether ``save_every`` asks for a save after the step just taken (the end saves anyway)."""

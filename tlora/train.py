@@ -61,6 +61,9 @@ class Trainer:
     config: TrainingOptions
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    # Data parallel: called once per step before clipping; averages the gradients and the loss
+    # total across ranks in place and returns that total (tlora.distributed.DataParallel).
+    sync: Callable[[list[nn.Parameter], float], float] | None = None
 
     def __post_init__(self):
         cfg = self.config
@@ -105,6 +108,8 @@ class Trainer:
                 raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step + 1}")
             (loss / cfg.grad_accumulation).backward()
             total += loss.item()
+        if self.sync is not None:
+            total = self.sync(self.parameters(), total)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.grad_clip)
         for opt in self.optimizers:

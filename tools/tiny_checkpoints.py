@@ -1,4 +1,4 @@
-"""A tiny SD1.5-layout checkpoint built from ComfyUI's own module classes.
+"""A tiny SD1.5-layout checkpoint, and standalone CLIP-L and TAESD3 files, built from ComfyUI's own module classes.
 
 ComfyUI's layers (``comfy.ops.disable_weight_init``) skip weight init, so every tensor is
 initialized here explicitly and deterministically. Only import this module's functions after
@@ -89,44 +89,73 @@ def _prefixed(module: torch.nn.Module, prefix: str, dtype: torch.dtype, skip: tu
     }
 
 
-def build_state_dict(comfy_path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict:
-    """State dict of the tiny checkpoint: UNet (SD15 layout), full CLIP-L, TAESD as the VAE."""
+def clip_l(comfy_path: str | Path, generator: torch.Generator) -> torch.nn.Module:
+    """ComfyUI's full-size CLIP-L text model (SD1.5's text encoder, SD3's and Flux's clip_l), initialized."""
     import comfy.clip_model
     import comfy.ops
+
+    config = json.loads((Path(comfy_path) / "comfy" / "sd1_clip_config.json").read_text())
+    clip = comfy.clip_model.CLIPTextModel(config, torch.float32, "cpu", comfy.ops.disable_weight_init)
+    init_weights_(clip, generator)
+    return clip
+
+
+def taesd(generator: torch.Generator, latent_channels: int = 4, scale: float = 1.0, shift: float = 0.0):
+    """ComfyUI's TAESD (encoder + decoder) with ``latent_channels``, initialized; ``scale`` and
+    ``shift`` map its latents to the model's (``vae_scale``, ``vae_shift``)."""
     import comfy.taesd.taesd
+
+    vae = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    init_weights_(vae, generator, extra={"vae_scale": scale, "vae_shift": shift})
+    return vae
+
+
+def build_state_dict(comfy_path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict:
+    """State dict of the tiny checkpoint: UNet (SD15 layout), full CLIP-L, TAESD as the VAE."""
+    import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    ops = comfy.ops.disable_weight_init
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
 
-    unet = UNetModel(**UNET_CONFIG, dtype=torch.float32, device="cpu", operations=ops)
+    unet = UNetModel(**UNET_CONFIG, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
     init_weights_(unet, gen)
     sd.update(_prefixed(unet, UNET_PREFIX, dtype))
     del unet
 
-    clip_config = json.loads((Path(comfy_path) / "comfy" / "sd1_clip_config.json").read_text())
-    clip = comfy.clip_model.CLIPTextModel(clip_config, torch.float32, "cpu", ops)
-    init_weights_(clip, gen)
     # SD1.5 checkpoints carry no text_projection (HF CLIPTextModel has none; ComfyUI would misplace it).
-    sd.update(_prefixed(clip, CLIP_PREFIX, dtype, skip=("text_projection",)))
-    del clip
-
-    vae = comfy.taesd.taesd.TAESD()
-    init_weights_(vae, gen, extra={"vae_scale": 1.0, "vae_shift": 0.0})
-    sd.update(_prefixed(vae, VAE_PREFIX, dtype))
+    sd.update(_prefixed(clip_l(comfy_path, gen), CLIP_PREFIX, dtype, skip=("text_projection",)))
+    sd.update(_prefixed(taesd(gen), VAE_PREFIX, dtype))
     return sd
 
 
-def write_tiny_sd15(path: str | Path, comfy_path: str | Path, seed: int = 0) -> Path:
-    """Write the tiny SD1.5 checkpoint (fp16 safetensors, ~300 MB) to ``path`` and return it."""
+def _save(state_dict: dict[str, torch.Tensor], path: str | Path, what: str) -> Path:
     import safetensors.torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = build_state_dict(comfy_path, seed=seed)
-    safetensors.torch.save_file(sd, str(path), metadata={"comment": "comfyui-tlora test checkpoint, random weights"})
+    metadata = {"comment": f"comfyui-tlora test {what}, random weights"}
+    safetensors.torch.save_file(state_dict, str(path), metadata=metadata)
     return path
+
+
+def write_tiny_sd15(path: str | Path, comfy_path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny SD1.5 checkpoint (fp16 safetensors, ~300 MB) to ``path`` and return it."""
+    return _save(build_state_dict(comfy_path, seed=seed), path, "checkpoint")
+
+
+def write_clip_l(path: str | Path, comfy_path: str | Path, seed: int = 0) -> Path:
+    """A standalone clip_l text encoder file (``text_model.*``, ``text_projection.weight``; fp16, ~250 MB),
+    what Load CLIP reads as CLIP-L."""
+    clip = clip_l(comfy_path, torch.Generator().manual_seed(seed))
+    return _save(_prefixed(clip, "", torch.float16), path, "CLIP-L text encoder")
+
+
+def write_taesd3(path: str | Path, seed: int = 0) -> Path:
+    """A VAE file that Load VAE detects as a TAESD with SD3's 16 latent channels (``taesd_encoder.*``,
+    ``taesd_decoder.*``), with the latent scale and shift ComfyUI gives its ``taesd3`` (1.5305, 0.0609)."""
+    vae = taesd(torch.Generator().manual_seed(seed), latent_channels=16, scale=1.5305, shift=0.0609)
+    return _save(_prefixed(vae, "", torch.float16), path, "TAESD3 VAE")
 
 
 # A full-size SDXL UNet (what ComfyUI detects as SDXL: context_dim 2048, ADM 2816, linear proj).
@@ -155,3 +184,25 @@ def build_sdxl_unet(device: str, seed: int = 0, dtype: torch.dtype = torch.float
     unet = UNetModel(**SDXL_UNET_CONFIG, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
     init_weights_(unet, torch.Generator(device).manual_seed(seed))
     return unet.state_dict()
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+
+
+def scaled_fp8(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``state_dict`` as a "scaled fp8" checkpoint of the kind both tested ComfyUI versions read
+    (``<prefix>scaled_fp8`` marks it): every 2-D weight under ``prefix`` (the Linear layers)
+    stored in float8_e4m3fn as ``w / s`` with a per-tensor ``.scale_weight`` ``s = max|w| / 448``
+    (and ``.scale_input`` 1: inputs unscaled); everything else unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key.endswith(".weight") and value.ndim == 2:
+            scale = value.float().abs().max().clamp(min=1e-12) / FP8_MAX
+            out[key] = (value.float() / scale).to(FP8)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+            out[key[: -len("weight")] + "scale_input"] = torch.ones(())
+        else:
+            out[key] = value
+    out[prefix + "scaled_fp8"] = torch.empty(0, dtype=FP8)
+    return out

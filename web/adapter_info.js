@@ -87,6 +87,17 @@ class InfoPanel {
   }
 }
 
+/** Calls hook() after object[method] (if it has one) each time that is called. */
+function after(object, method, hook) {
+  if (!object) return;
+  const original = object[method];
+  object[method] = function (...args) {
+    const result = original?.apply(this, args);
+    hook();
+    return result;
+  };
+}
+
 app.registerExtension({
   name: "comfyui-tlora.adapterInfo",
   nodeCreated(node) {
@@ -100,11 +111,14 @@ app.registerExtension({
     });
     widget.serialize = false;
     node.tloraAdapterInfo = panel;
-    // The chosen file changes by picking it, loading a workflow, pasting, or undo: follow the widget's value.
-    const onDrawForeground = node.onDrawForeground;
-    node.onDrawForeground = function (...args) {
-      panel.show(this.widgets?.find((w) => w.name === NAME_WIDGET)?.value);
-      return onDrawForeground?.apply(this, args);
-    };
+    // Follow the widget's value: a user's pick (its callback, in both node designs), a loaded or pasted
+    // workflow and undo (configure), a new node (its default), and whatever else sets it (each canvas draw of
+    // the classic design; Nodes 2.0 draws nodes in the DOM and calls no onDrawForeground).
+    const nameWidget = node.widgets?.find((w) => w.name === NAME_WIDGET);
+    const follow = () => panel.show(nameWidget?.value);
+    after(nameWidget, "callback", follow);
+    after(node, "onConfigure", follow);
+    after(node, "onDrawForeground", follow);
+    queueMicrotask(follow); // after a workflow's configure, which runs in the same task as nodeCreated
   },
 });

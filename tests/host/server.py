@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,13 @@ LOOPBACK = "127.0.0.1"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 PACK_DIR_NAME = "comfyui-tlora"
 IMPORT_ERRORS = ("Cannot import", "IMPORT FAILED", "Error while calling comfy_entrypoint", "Skip ")
+# ComfyUI's model folders the server reads from ``models`` (each a subfolder of the same name).
+MODEL_FOLDERS = ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae")
+IMPORT_TIMES = "Import times for custom nodes:"
+# Newer ComfyUI (0.33; 0.3.64 does not) colours its console lines and tags each with its level:
+# "\x1b[32m[INFO]\x1b[0m message".
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+LEVEL_TAG = re.compile(r"^\[(DEBUG|DETAIL|INFO|WARNING|ERROR|CRITICAL)\] ?")
 
 
 class ComfyServerError(RuntimeError):
@@ -36,7 +44,7 @@ class ComfyServer:
     """``main.py --cpu`` on a loopback port; custom nodes limited to this pack (symlinked from a tmp dir).
 
     Layout under ``base``: ``custom_nodes/<pack>`` -> repo root, ``input/ output/ temp/ user/``,
-    ``extra_model_paths.yaml`` and ``server.log``. ``models`` holds ``checkpoints/`` and ``loras/``.
+    ``extra_model_paths.yaml`` and ``server.log``. ``models`` holds one folder per ``MODEL_FOLDERS`` entry.
     """
 
     def __init__(self, comfy_path: Path, pack_root: Path, base: Path, models: Path, python: str = sys.executable):
@@ -50,7 +58,8 @@ class ComfyServer:
         self.input_dir, self.output_dir = self.base / "input", self.base / "output"
         self.temp_root, self.user_dir = self.base / "temp", self.base / "user"
         self.temp_dir = self.temp_root / "temp"  # main.py appends "temp" to --temp-directory
-        self.checkpoints_dir, self.loras_dir = Path(models) / "checkpoints", Path(models) / "loras"
+        self.model_dirs = {name: Path(models) / name for name in MODEL_FOLDERS}
+        self.checkpoints_dir, self.loras_dir = self.model_dirs["checkpoints"], self.model_dirs["loras"]
         self.log_path = self.base / "server.log"
         self._object_info: dict | None = None
 
@@ -72,9 +81,9 @@ class ComfyServer:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     def _write_config(self) -> Path:
-        for d in (self.input_dir, self.output_dir, self.temp_root, self.user_dir, self.checkpoints_dir, self.loras_dir):
+        for d in (self.input_dir, self.output_dir, self.temp_root, self.user_dir, *self.model_dirs.values()):
             d.mkdir(parents=True, exist_ok=True)
-        paths = {"checkpoints": self.checkpoints_dir, "loras": self.loras_dir}
+        paths = dict(self.model_dirs)
         if self.custom_nodes_dir is not None:
             self.custom_nodes_dir.mkdir(parents=True, exist_ok=True)
             link = self.custom_nodes_dir / self.pack_dir_name
@@ -147,11 +156,21 @@ class ComfyServer:
 
     def check_pack_imported(self) -> None:
         """The pack was imported without error: its line is in "Import times for custom nodes", not failed."""
-        log = self.log()
         path = str(self.pack_path)
-        bad = [ln for ln in log.splitlines() if path in ln and any(s in ln for s in IMPORT_ERRORS)]
-        if bad or not any(ln.rstrip().endswith(f": {path}") for ln in log.splitlines()):
+        bad = [ln for ln in self.log_lines() if path in ln and any(s in ln for s in IMPORT_ERRORS)]
+        if bad or not any(ln.endswith(f": {path}") for ln in self.imported_custom_nodes()):
             raise ComfyServerError(f"the pack at {path} did not import cleanly\n{self.log_tail(80)}")
+
+    def imported_custom_nodes(self) -> list[str]:
+        """The lines of the log's last "Import times for custom nodes:" block ("   0.1 seconds: <path>")."""
+        lines = self.log_lines()
+        starts = [i for i, ln in enumerate(lines) if ln.strip() == IMPORT_TIMES]
+        block = []
+        for ln in lines[starts[-1] + 1 :] if starts else []:
+            if not ln.strip():
+                break
+            block.append(ln)
+        return block
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -159,6 +178,10 @@ class ComfyServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[str]:
+        """The log's lines as plain messages: without colour codes or a leading level tag, trailing space stripped."""
+        return [LEVEL_TAG.sub("", ANSI_CODE.sub("", ln)).rstrip() for ln in self.log().splitlines()]
 
     def log_tail(self, lines: int = 40) -> str:
         return "--- server log tail ---\n" + "\n".join(self.log().splitlines()[-lines:])

@@ -480,9 +480,11 @@ def test_example_workflow_runs_to_an_image(setup, comfy_server):
     assert len(files) == 1 and files[0].is_file() and png_size(files[0]) == (64, 64)
 
 
-def test_bad_adapter_name_is_a_node_error_and_the_server_survives(setup, comfy_server):
+def test_bad_adapter_name_is_refused_at_the_prompt_with_the_packs_message(setup, comfy_server):
+    """Both ComfyUI versions refuse the prompt before running it, through the node's validate_inputs,
+    with the pack's message (0.33 would otherwise say only "Value not in list")."""
     prompt = example_prompt(comfy_server, file_name("missing"))
-    with pytest.raises(ComfyServerError, match=r"\(TLoRAApply\) raised ValueError: .*missing.safetensors' is not in"):
+    with pytest.raises(ComfyServerError, match=r"adapter_name - adapter file '.*missing.safetensors' is not in"):
         comfy_server.run(prompt, timeout=120)
     assert comfy_server.proc.poll() is None
     assert "TLoRAApply" in comfy_server.object_info(refresh=True)

@@ -158,23 +158,27 @@ def test_bad_inputs_are_named(tiny_sd15, data):
         seed=0,
         output_name="bad_inputs",
     )
+
+    def execute(**values):  # the node takes every input as a list (is_input_list)
+        return node.execute(**{name: [value] for name, value in values.items()})
+
     with pytest.raises(ValueError, match="steps must be at least 1"):
-        node.execute(**{**args, "steps": 0})
+        execute(**{**args, "steps": 0})
     with pytest.raises(ValueError, match="no training images"):
-        node.execute(**{**args, "latents": {"samples": torch.zeros(0, 4, 8, 8)}})
+        execute(**{**args, "latents": {"samples": torch.zeros(0, 4, 8, 8)}})
     with pytest.raises(ValueError, match="3 conditionings for 2 images"):
-        node.execute(**{**args, "positive": data[1] * 3})
-    with pytest.raises(ValueError, match="unknown method"):
-        node.execute(**{**args, "method": "dora"})
+        execute(**{**args, "positive": data[1] * 3})
+    with pytest.raises(ValueError, match=r"method must be one of \['tlora'"):
+        execute(**{**args, "method": "dora"})
     with pytest.raises(ValueError, match="must be a plain name inside the loras folder"):
-        node.execute(**{**args, "output_name": "../escape"})
+        execute(**{**args, "output_name": "../escape"})
     made = run(tiny_sd15, data, "exists_already", steps=1)
     with pytest.raises(ValueError, match="already exists"):
-        node.execute(**{**args, "output_name": "exists_already"})
+        execute(**{**args, "output_name": "exists_already"})
     with pytest.raises(ValueError, match="trained with 'tlora', not 'lora'"):
-        node.execute(**{**args, "method": "lora", "output_name": "resume_other", "resume_from": made.path.name})
+        execute(**{**args, "method": "lora", "output_name": "resume_other", "resume_from": made.path.name})
     with pytest.raises(ValueError, match="is not in ComfyUI's loras folders"):
-        node.execute(**{**args, "resume_from": "missing.safetensors"})
+        execute(**{**args, "resume_from": "missing.safetensors"})
 
 
 def test_example_workflow_trains_and_samples(comfy_server, tiny_checkpoint):
@@ -197,7 +201,7 @@ def test_example_workflow_trains_and_samples(comfy_server, tiny_checkpoint):
     prompt = ui_to_api(workflow, comfy_server.object_info(refresh=True))
     by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
     by_type["CheckpointLoaderSimple"]["ckpt_name"] = tiny_checkpoint.name
-    by_type["LoadImageTextSetFromFolderNode"].update(width=64, height=64)
+    by_type["TLoRALoadTrainingImages"].update(width=64, height=64)
     by_type["TLoRATrain"].update(steps=2, save_every=0, output_name="example_run")
     by_type["EmptyLatentImage"].update(width=64, height=64)
     by_type["KSampler"]["steps"] = 2

@@ -162,7 +162,7 @@ def test_load_training_images_node(comfy, tmp_path):
     node = pack("nodes.dataset").LoadTrainingImages
     folder = comfy.dirs.input / "subject_for_node"
     folder.mkdir(exist_ok=True)
-    for i, size in enumerate([(48, 40), (64, 56)]):
+    for i, size in enumerate([(48, 40), (40, 64)]):
         Image.fromarray(np.full((size[1], size[0], 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "0.txt").write_text("a photo\n  of sks ")
     assert "subject_for_node" in folder_paths.get_input_subfolders()
@@ -172,5 +172,9 @@ def test_load_training_images_node(comfy, tmp_path):
         node.execute("subject_for_node", 0, 0)
     with pytest.raises(ValueError, match="2 different sizes"):
         node.execute("subject_for_node", 0, 0, default_caption="a toy")
-    pixels, captions = node.execute("subject_for_node", 32, 24, default_caption="a toy").args
+    (pixels,), (captions,) = node.execute("subject_for_node", 32, 24, default_caption="a toy").args  # lists
     assert pixels.shape == (2, 24, 32, 3) and captions == "a photo of sks\na toy"
+    assert "not both" in node.validate_inputs("subject_for_node", 32, 24, bucket_resolution=64)
+    pixels, captions = node.execute("subject_for_node", 0, 0, "a toy", bucket_resolution=64, bucket_step=8).args
+    assert [p.shape for p in pixels] == [(1, 80, 48, 3), (1, 56, 72, 3)]  # 40×64 (tall), 48×40 (wide)
+    assert captions == ["a toy", "a photo of sks"]

@@ -11,12 +11,17 @@ from pathlib import Path
 
 from .browser import Browser, BrowserError
 
+# What the frontend's public modules scripts/app.js and scripts/api.js export (their shims read these).
 APP = "window.comfyAPI.app.app"
 API = "window.comfyAPI.api.api"
+# Frontend 1.49 defines window.comfyAPI only once the bundle's chunk that holds the app has run, after the page
+# loaded (1.27: before): hence `?.` until the app is set up.
+APP_READY = f"window.comfyAPI?.app?.app?.graph && {APP}.extensionManager?.command && {APP}.vueAppReady"
 PACK_EXTENSIONS = ("comfyui-tlora.lossChart", "comfyui-tlora.adapterInfo")
 PACK_JS = "/extensions/comfyui-tlora/"
-# No first-run template dialog (the tests open it themselves), no minimap over the screenshots.
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+# No first-run template dialog (the tests open it themselves), no minimap over the screenshots, the classic
+# (canvas-drawn) node design even where a frontend would default to Nodes 2.0.
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.VueNodes.Enabled": False}
 # Records the server's execution events in the page: run() waits on them.
 RECORD_RUNS = f"""(() => {{
   window.tloraTestRuns = [];
@@ -50,11 +55,7 @@ class ComfyPage:
         request.add_header("Content-Type", "application/json")
         urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30).close()
         self.browser.goto(self.url, timeout)
-        self.wait_for(
-            f"{APP}?.graph && {APP}.extensionManager?.command && {APP}.vueAppReady",
-            timeout,
-            what="the ComfyUI app to start",
-        )
+        self.wait_for(APP_READY, timeout, what="the ComfyUI app to start")
         self.wait_for(f"{APP}.extensions.some(e => e.name === {js(PACK_EXTENSIONS[-1])})", timeout, what="extensions")
         self.evaluate(RECORD_RUNS)
         return self
@@ -70,18 +71,28 @@ class ComfyPage:
             if entry["level"] in ("error", "exception") and (PACK_JS in entry["url"] or PACK_JS in entry["text"])
         ]
 
+    def click(self, element: str, timeout: float = 60.0, what: str | None = None) -> None:
+        """Click the element the JavaScript expression ``element`` finds, once it finds one: found and clicked in
+        one evaluation, as the dialogs re-render their lists while they load."""
+        self.wait_for(f"(e => (e?.click(), !!e))({element})", timeout, what=what or element)
+
     # -- workflows ------------------------------------------------------------------------------------------
 
-    def open_template(self, module: str, name: str, timeout: float = 60.0) -> None:
+    def open_template(self, module: str, name: str, timeout: float = 120.0) -> None:
         """Open the template browser (what its menu entries run), pick ``module``'s category and click ``name``."""
         self.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        category = f"document.querySelector('li[role=option][aria-label={js(module)}]')"
-        self.wait_for(f"!!{category}", timeout, what=f"template category {module}")
-        self.evaluate(f"{category}.click()")
-        card = f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')"
-        self.wait_for(f"!!{card}", timeout, what=f"template card {name}")
+        # The category list's entry: <li role=option aria-label=module> (frontend 1.27), <div role=button> (1.49).
+        category = (
+            "[...document.querySelectorAll('[role=option], [role=button]')]"
+            f".find(e => (e.getAttribute('aria-label') ?? e.textContent.trim()) === {js(module)})"
+        )
+        self.click(category, timeout, what=f"template category {module}")
         self.evaluate(f"{APP}.graph.extra.tloraTestStale = true")  # gone once the template replaced the graph
-        self.evaluate(f"{card}.click()")
+        self.click(
+            f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')",
+            timeout,
+            what=f"template card {name}",
+        )
         self.wait_for(
             f"!{APP}.graph.extra?.tloraTestStale && {APP}.graph.nodes.length > 0"
             " && !document.querySelector('[data-testid=template-workflows-content]')",
@@ -104,16 +115,25 @@ class ComfyPage:
         return f"{APP}.graph.nodes.find(n => n.type === {js(node_type)})"
 
     def set_widgets(self, values: dict[str, dict]) -> None:
-        """``{node type: {widget name: value}}`` on every node of each type; unknown names raise."""
+        """``{node type: {widget name: value}}`` on every node of each type, as the canvas sets a value a user
+        entered (then calls the widget's callback and the node's onWidgetChanged); unknown names raise."""
         missing = self.evaluate(
             f"""(() => {{
               const missing = [];
               for (const [type, widgets] of Object.entries({js(values)})) {{
                 const nodes = {APP}.graph.nodes.filter(n => n.type === type);
                 for (const [name, value] of Object.entries(widgets)) {{
-                  const found = nodes.map(n => n.widgets?.find(w => w.name === name)).filter(Boolean);
-                  if (!found.length) missing.push(`${{type}}.${{name}}`);
-                  for (const w of found) w.value = value;
+                  let found = 0;
+                  for (const node of nodes) {{
+                    const w = node.widgets?.find(w => w.name === name);
+                    if (!w) continue;
+                    found++;
+                    const old = w.value;
+                    w.value = value;
+                    w.callback?.(w.value, {APP}.canvas, node);
+                    node.onWidgetChanged?.(name, w.value, old, w);
+                  }}
+                  if (!found) missing.push(`${{type}}.${{name}}`);
                 }}
               }}
               {APP}.graph.setDirtyCanvas(true, true);
@@ -128,21 +148,32 @@ class ComfyPage:
         self.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
     def fit_view(self, margin: float = 24) -> None:
-        """Zoom (at most 1:1) and centre the canvas on the whole graph."""
+        """Zoom (at most 1:1) and centre the graph in the part of the canvas no UI covers (frontend 1.49 draws
+        its tab bar, side toolbar and action bar over the canvas; 1.27 beside it): from each edge, the first
+        point where the canvas is what the page shows there, the median over three lines across."""
         self.evaluate(
             f"""(() => {{
-              const canvas = {APP}.canvas;
+              const canvas = {APP}.canvas, element = canvas.canvas, box = element.getBoundingClientRect();
+              const shown = (x, y) => document.elementFromPoint(x, y) === element;
+              const first = (from, to, isCanvas) => {{
+                for (let v = from; from < to ? v < to : v > to; v += from < to ? 2 : -2) if (isCanvas(v)) return v;
+                return from;
+              }};
+              const median = (at) => [0.25, 0.5, 0.75].map(at).sort((a, b) => a - b)[1];
+              const left = median(f => first(box.left, box.right, x => shown(x, box.top + f * box.height)));
+              const right = median(f => first(box.right - 1, box.left, x => shown(x, box.top + f * box.height)));
+              const top = median(f => first(box.top, box.bottom, y => shown(box.left + f * box.width, y)));
+              const bottom = median(f => first(box.bottom - 1, box.top, y => shown(box.left + f * box.width, y)));
               const title = LiteGraph.NODE_TITLE_HEIGHT;
               const nodes = {APP}.graph.nodes;
               const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
               const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
               const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-              const width = canvas.canvas.clientWidth - 2 * {margin};
-              const height = canvas.canvas.clientHeight - 2 * {margin};
+              const width = right - left - 2 * {margin}, height = bottom - top - 2 * {margin};
               const scale = Math.min(width / (x1 - x0), height / (y1 - y0), 1);
               canvas.ds.scale = scale;
-              canvas.ds.offset[0] = ({margin} + (width - (x1 - x0) * scale) / 2) / scale - x0;
-              canvas.ds.offset[1] = ({margin} + (height - (y1 - y0) * scale) / 2) / scale - y0;
+              canvas.ds.offset[0] = (left - box.left + {margin} + (width - (x1 - x0) * scale) / 2) / scale - x0;
+              canvas.ds.offset[1] = (top - box.top + {margin} + (height - (y1 - y0) * scale) / 2) / scale - y0;
               canvas.setDirty(true, true);
             }})()"""
         )
@@ -197,9 +228,25 @@ def tiny_train_widgets(checkpoint: str, steps: int, output_name: str, preview_ev
     train = {"steps": steps, "save_every": 0, "output_name": output_name, "overwrite": True}
     return {
         "CheckpointLoaderSimple": {"ckpt_name": checkpoint},
-        "LoadImageTextSetFromFolderNode": {"width": 64, "height": 64},
+        "TLoRALoadTrainingImages": {"width": 64, "height": 64},
         "TLoRATrain": {**train, "preview_every": preview_every},
         "EmptyLatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+    }
+
+
+def tiny_sd35_widgets(
+    unet: str, clip: str, vae: str, steps: int, output_name: str, preview_every: int = 0
+) -> dict[str, dict]:
+    """train_tlora_sd35.json's widgets for a short run at 64 px on the tiny SD3.5 model, CLIP-L and VAE files."""
+    train = {"steps": steps, "save_every": 0, "output_name": output_name, "overwrite": True}
+    return {
+        "UNETLoader": {"unet_name": unet},
+        "CLIPLoader": {"clip_name": clip},
+        "VAELoader": {"vae_name": vae},
+        "TLoRALoadTrainingImages": {"width": 64, "height": 64},
+        "TLoRATrain": {**train, "preview_every": preview_every},
+        "EmptySD3LatentImage": {"width": 64, "height": 64},
         "KSampler": {"steps": 2},
     }
 

@@ -4,8 +4,9 @@ The UI format keeps widget values as a positional list (``widgets_values``) and 
 POST /prompt wants ``{node_id: {"class_type", "inputs": {name: value | [source_id, slot]}}}``. Widget values
 are mapped onto input names in the order the frontend creates widgets from /object_info, which is:
 
-* every widget input (INT, FLOAT, STRING, BOOLEAN, combo; not ``forceInput``) in ``input_order``, required
-  then optional, including widgets converted to sockets (they keep their value; a link overrides it);
+* every widget input (INT, FLOAT, STRING, BOOLEAN, combo, or any ``socketless`` type such as IMAGECOMPARE;
+  not ``forceInput``) in ``input_order``, required then optional, including widgets converted to sockets
+  (they keep their value; a link overrides it);
 * after a seed-like INT (``control_after_generate``, or named seed/noise_seed unless that flag is False)
   one "control_after_generate" value; after a combo with ``control_after_generate`` that value plus a
   "control_filter_list" value;
@@ -57,7 +58,8 @@ def widget_slots(info: dict, ui_widget_names: set[str] = frozenset()) -> list[tu
             if name not in defs:
                 continue
             kind, opts = _spec(defs[name])
-            if opts.get("forceInput") or not (kind in WIDGET_KINDS or name in ui_widget_names):
+            widget = kind in WIDGET_KINDS or opts.get("socketless") or name in ui_widget_names
+            if opts.get("forceInput") or not widget:
                 continue
             slots.append(("value", name))
             control = opts.get("control_after_generate", kind == "INT" and name in ("seed", "noise_seed"))

@@ -315,6 +315,6 @@ class SODA(Adapter):
             self.bind(weight(), on_mismatch="warn")
         x32 = x.float()
         rotated = kron_apply(x32, [q.T for q in self.rotation_factors()]) if self.factors else x32
-        y = base(x32.lerp(rotated, strength).to(x.dtype) if self.factors else x)
+        y = base(x32.lerp(rotated.float(), strength).to(x.dtype) if self.factors else x)  # autocast: half
         shift = self.U * ((self.spectrum() - self.sigma) * strength)
         return y + F.linear(F.linear(rotated, self.Vh), shift).to(y.dtype)

@@ -423,7 +423,7 @@ class TLoRA(Adapter):
         if self.config.transform_rank:
             transform = self.choose_path(cost.tokens_of(x.numel(), self.in_features))
             moved = x32 @ self.transform_matrix().T if transform == "transform" else trm.apply(x32, self.cores())
-            u = x32.lerp(moved, strength).to(x.dtype)
+            u = x32.lerp(moved.float(), strength).to(x.dtype)  # autocast may have made ``moved`` half
         y = base(u)
         factors = self.residual_factors()
         if factors is not None:

@@ -1,0 +1,297 @@
+"""The model families people train today, as this ComfyUI itself detects, loads and samples them.
+
+For each family of ``families.FAMILIES`` this host has (others skip, naming the missing model config):
+ComfyUI's detection names the family from the tiny config and from every released size (meta device); the
+layer groups place every Linear layer; the released sizes have the documented layer shapes; the tiny checkpoint
+loads as the family's model class, prediction and latent; one step of ComfyUI's sampler gives a finite, bounded
+latent of the right shape that depends on the conditioning.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tlora import targets
+
+from . import families as F
+
+
+@pytest.fixture(scope="module", params=list(F.FAMILIES))
+def family(request, comfy) -> F.Family:
+    fam = F.FAMILIES[request.param]
+    why = F.missing_on_host(fam)
+    if why:
+        pytest.skip(why)
+    return fam
+
+
+@pytest.fixture(scope="module")
+def family_file(family, comfy) -> Path:
+    """The family's tiny checkpoint, written once per session where ComfyUI's loader nodes look for it
+    (SD2.1 under checkpoints, the others under diffusion_models)."""
+    import folder_paths
+
+    if family.checkpoint:
+        folder = comfy.dirs.checkpoints
+    else:
+        folder = comfy.dirs.checkpoints.parent / "diffusion_models"
+        folder_paths.add_model_folder_path("diffusion_models", str(folder), is_default=True)
+    path = folder / f"tiny_{family.key}.safetensors"
+    if not path.exists():
+        F.write_family(family, path.with_suffix(".partial")).rename(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(family, family_file):
+    """``.model``: the ModelPatcher ComfyUI loads from the file (one family in memory at a time)."""
+    import comfy.model_management
+
+    held = SimpleNamespace(model=F.load_family(family, family_file))
+    yield held
+    del held.model
+    comfy.model_management.unload_all_models()
+    gc.collect()
+
+
+def sampler_step(model, family: F.Family, noise: torch.Tensor, cond_seed: int) -> torch.Tensor:
+    """One euler step of ComfyUI's KSampler (cfg 1: the positive prompt only) from pure noise."""
+    import comfy.sample
+
+    cond = F.conditioning(family, seed=cond_seed)
+    latent = torch.zeros_like(noise)
+    return comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", cond, cond, latent, disable_pbar=True, seed=0)
+
+
+def linear_names(family: F.Family, config: dict) -> list[str]:
+    return [n for n, m in F.meta_model(family, config).named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def matches(name: str, globs: tuple[str, ...]) -> bool:
+    return targets.matches(name, globs)
+
+
+def test_detected_at_every_size(family):
+    for config in [family.tiny, *family.full.values()]:
+        assert type(F.detect(family, config)).__name__ == family.config_class
+
+
+def test_groups_place_every_linear_layer(family):
+    tiny = linear_names(family, family.tiny)
+    groups = F.groups_of(family)
+    linear_groups = [globs for name, globs in groups.items() if name != "conv"]  # conv: the UNet's Conv2d layers
+    for glob in [g for globs in linear_groups for g in globs] + list(family.outside_blocks):
+        assert any(matches(n, (glob,)) for n in tiny), f"{glob!r} matches no layer of the tiny model"
+    assert next(iter(groups)) == "attention"
+    for label, config in [("tiny", family.tiny), *family.full.items()]:
+        names = linear_names(family, config)
+        unplaced = [n for n in names if not F.group_of(family, n) and not matches(n, family.outside_blocks)]
+        assert not unplaced, f"{label}: Linear layers in no group: {unplaced}"
+        assert not [n for n in names if F.group_of(family, n) and matches(n, family.outside_blocks)]
+
+
+# Layer shapes of the released models as ComfyUI builds them: (out_features, in_features, how many).
+RELEASED_SHAPES = {
+    ("sd21", "SD2.1 768-v"): {
+        "middle_block.1.transformer_blocks.*.attn2.to_k": (1280, 1024, 1),
+        "input_blocks.*.1.transformer_blocks.*.attn1.to_q": (320, 320, 2),
+    },
+    ("sd35", "SD3.5 Large"): {
+        "joint_blocks.*.x_block.attn.qkv": (7296, 2432, 38),
+        "joint_blocks.*.context_block.attn.proj": (2432, 2432, 37),
+    },
+    ("sd35", "SD3.5 Medium"): {"joint_blocks.*.x_block.attn2.qkv": (4608, 1536, 13)},
+    ("flux1", "Flux.1 [dev]"): {
+        "double_blocks.*.img_attn.qkv": (9216, 3072, 19),
+        "double_blocks.*.txt_attn.proj": (3072, 3072, 19),
+        "single_blocks.*.linear1": (21504, 3072, 38),
+        "single_blocks.*.linear2": (3072, 15360, 38),
+    },
+    ("qwen_image", "Qwen-Image"): {
+        "transformer_blocks.*.attn.to_q": (3072, 3072, 60),
+        "transformer_blocks.*.attn.add_v_proj": (3072, 3072, 60),
+        "transformer_blocks.*.img_mlp.net.0.proj": (12288, 3072, 60),
+    },
+    ("zimage", "Z-Image"): {
+        "layers.*.attention.qkv": (11520, 3840, 30),
+        "noise_refiner.*.attention.qkv": (11520, 3840, 2),
+        "layers.*.feed_forward.w1": (10240, 3840, 30),
+    },
+    ("wan21", "Wan 2.1 14B"): {"blocks.*.self_attn.q": (5120, 5120, 40), "blocks.*.ffn.0": (13824, 5120, 40)},
+    ("wan21", "Wan 2.1 1.3B"): {"blocks.*.cross_attn.k": (1536, 1536, 30)},
+    ("wan22", "Wan 2.2 TI2V-5B"): {"blocks.*.self_attn.o": (3072, 3072, 30), "blocks.*.ffn.0": (14336, 3072, 30)},
+}
+
+
+def test_released_layer_shapes(family):
+    sizes = [size for key, size in RELEASED_SHAPES if key == family.key]
+    assert sorted(sizes) == sorted(family.full)
+    for size in sizes:
+        layers = F.linear_layers(F.meta_model(family, family.full[size]))
+        for pattern, shape in RELEASED_SHAPES[family.key, size].items():
+            assert layers.get(pattern) == shape, f"{size} {pattern}"
+
+
+def test_loads_as_the_family(loaded, family):
+    import comfy.model_sampling
+
+    base = loaded.model.model
+    assert type(base).__name__ == family.model_class
+    assert type(base.model_config).__name__ == family.config_class
+    assert base.model_type.name == family.model_type
+    prediction = {"eps": comfy.model_sampling.EPS, "v": comfy.model_sampling.V_PREDICTION}
+    assert isinstance(base.model_sampling, prediction.get(family.prediction, comfy.model_sampling.CONST))
+    assert base.latent_format.latent_channels == family.latent[0]
+    assert base.latent_format.latent_dimensions == len(family.latent) - 1
+
+
+def test_sampler_step(loaded, family):
+    noise = torch.randn(1, *family.latent, generator=torch.Generator().manual_seed(0))
+    out = sampler_step(loaded.model, family, noise, cond_seed=0)
+    assert out.shape == noise.shape
+    assert torch.isfinite(out).all()
+    assert out.std() > 0.0 and out.abs().max() < 1e3, "constant or exploding output: the initialization is off"
+    other = sampler_step(loaded.model, family, noise, cond_seed=1)
+    assert (out - other).abs().max() > 1e-3, "the output ignores the conditioning"
+
+
+def test_init_places_every_tensor(comfy):
+    module = torch.nn.Module()
+    module.lin = torch.nn.Linear(64, 3)
+    module.norm = torch.nn.RMSNorm(3)
+    module.table = torch.nn.Parameter(torch.empty(2, 64))
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(RuntimeError, match="table"):
+        F.init_tensors_(module, gen)
+    with pytest.raises(RuntimeError, match="matches no tensor"):
+        F.init_tensors_(module, gen, {"tabel": F.fill(0.0)})
+    F.init_tensors_(module, gen, {"tab*": F.normal_last_dim, "lin.bias": F.fill(2.0)})
+    assert module.norm.weight.eq(1).all() and module.lin.bias.eq(2).all()
+    assert 0.08 < module.lin.weight.std() < 0.17 and 0.08 < module.table.std() < 0.17  # ~ 1/sqrt(64)
+
+
+# -- training, applying and exporting on each family (issue 14) -------------------------------------------
+
+METHODS = ("tlora", "tlora_star", "transform", "residual", "lora", "soda", "svdiff")
+BIG = 50_000_000  # parameters above which a family trains one method on two layers (Qwen-Image, Z-Image, …)
+
+
+def pack(name: str):
+    return importlib.import_module(f"comfyui_tlora.{name}")
+
+
+def denoised(model, family: F.Family, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's denoised estimate x̂0 of ``x0`` noised at ``sigma`` with ``noise`` (the guider's conds)."""
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler
+
+    out = {}
+
+    class Probe(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise_in, latent_image=None, *_, **__):
+            sampling = model_wrap.inner_model.model_sampling
+            s = sigmas[:1].expand(x0.shape[0])
+            with torch.no_grad():
+                out["x0"] = model_wrap(sampling.noise_scaling(s, noise, x0, False), s, **extra_args).float()
+            return latent_image
+
+    guider = comfy_extras.nodes_custom_sampler.Guider_Basic(model)
+    guider.set_conds(F.conditioning(family, batch=1, seed=0))
+    with torch.inference_mode(False):
+        guider.sample(torch.zeros_like(x0), x0, Probe(), torch.tensor([sigma, 0.0]), seed=0)
+    return out["x0"]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def big(loaded) -> bool:
+    return sum(p.numel() for p in loaded.model.model.diffusion_model.parameters()) > BIG
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trains_applies_bypasses_and_exports(loaded, family, big, comfy, method):
+    from comfy import sd
+
+    if big and method != "tlora":
+        pytest.skip(f"{family.title} is too large for every method on CPU: TLoRA only")
+    model = loaded.model
+    architecture = pack("nodes.apply").architecture_names(model)
+    layers = pack("tlora.model").select_modules(model.model.diffusion_model, ["attention"], architecture=architecture)
+    assert layers, f"{family.title}: the attention preset selects nothing"
+    targets = ",".join(sorted(layers)[:2]) if big else "attention"
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, *family.latent, generator=gen), torch.randn(1, *family.latent, generator=gen)
+    percent = 0.5
+    sigma = float(model.model.model_sampling.percent_to_sigma(percent))
+    c_out = float(model.model.model_sampling.calculate_denoised(torch.tensor(sigma), torch.ones(1), torch.zeros(1)))
+
+    def error(m) -> float:
+        return (((denoised(m, family, x0, sigma, noise) - x0) / c_out) ** 2).mean().item()
+
+    options = pack("tlora.options").TrainingOptions(
+        method=method,
+        residual_rank=4,
+        steps=3 if big else 8,
+        learning_rate=1e-2,
+        rotation_learning_rate=1e-2,
+        targets=targets,
+        seed=0,
+    )
+    name = f"families/{family.key}_{method}.safetensors"
+    output = comfy.dirs.loras / name
+    output.unlink(missing_ok=True)
+    result = pack("nodes.train").train(model, {"samples": x0}, options, positive=F.conditioning(family), output=output)
+    assert all(map(math.isfinite, result.losses)) and len(result.losses) == options.steps
+    before, after = error(model), error(result.model)
+    assert after < before, f"{family.title}/{method}: the trained model denoises its image no better"
+
+    # The file, four ways: Apply TLoRA's node, the stock loader, the bypass loader (where the host has it).
+    trained = denoised(result.model, family, x0, sigma, noise)
+    (via_node, _) = pack("nodes.apply").ApplyTLoRA.execute(model, name, 1.0, 0.0).args
+    tensors = pack("tlora.format").load_adapter_file(output).tensors
+    via_stock = sd.load_lora_for_models(model, None, tensors, 1.0, 0.0)[0]
+    outputs = {"node": via_node, "stock": via_stock}
+    if hasattr(sd, "load_bypass_lora_for_models"):
+        outputs["bypass"] = sd.load_bypass_lora_for_models(model, None, tensors, 1.0, 0.0)[0]
+    for how, patched in outputs.items():
+        assert relative_error(denoised(patched, family, x0, sigma, noise), trained) < 1e-4, how
+
+    info = pack("tlora.format").describe(pack("tlora.format").load_adapter_file(output))
+    assert info["base_model"] == family.config_class and info["method"] == method
+    report = pack("nodes.export").export_for_model(
+        model, name, 4096, "lora", f"families/{family.key}_{method}_lora", True
+    )
+    assert report.max_error < 1e-4  # full rank: exact
+
+
+def test_a_file_for_another_family_is_refused_naming_both(loaded, family, tiny_sd15, comfy):
+    """An adapter trained on this family, applied to SD1.5 (and an SD1.5 one applied here)."""
+    architecture = pack("nodes.apply").architecture_names(loaded.model)
+    layers = pack("tlora.model").select_modules(
+        loaded.model.model.diffusion_model, ["attention"], architecture=architecture
+    )
+    tlora_cls = pack("tlora.adapters").TLoRA
+    adapters = {f"diffusion_model.{n}": tlora_cls(tuple(m.weight.shape)) for n, m in layers.items()}
+    name = f"families/{family.key}_foreign.safetensors"
+    meta = {"tlora.method": "tlora", "tlora.base_model": family.config_class}
+    pack("tlora.format").save_adapters(comfy.dirs.loras / name, adapters, meta, overwrite=True)
+    sd15 = pack("tlora.model").select_modules(tiny_sd15.model.model.diffusion_model, ["attention"])
+    sd15_adapters = {f"diffusion_model.{n}": tlora_cls(tuple(m.weight.shape)) for n, m in sd15.items()}
+    sd15_name = "families/sd15_foreign.safetensors"
+    sd15_meta = {"tlora.method": "tlora", "tlora.base_model": "SD15"}
+    pack("tlora.format").save_adapters(comfy.dirs.loras / sd15_name, sd15_adapters, sd15_meta, overwrite=True)
+    apply = pack("nodes.apply").ApplyTLoRA.execute
+    with pytest.raises(ValueError, match=f"made for {family.config_class}; this model is SD15"):
+        apply(tiny_sd15.model, name, 1.0, 0.0)
+    with pytest.raises(ValueError, match=f"made for SD15; this model is {family.config_class}"):
+        apply(loaded.model, sd15_name, 1.0, 0.0)
