@@ -44,7 +44,8 @@ class _TensorGroupAdapter(WeightAdapterBase):
         self.module = mark[: -len(self.adapter_class.file_mark) - 1]
         self.suffixes = tuple(k[len(self.module) + 1 :] for k in self.loaded_keys)
         self._built: dict[tuple, Adapter] = {}
-        self._refused = False  # bypass_forward logs a refusal once
+        self._refused = False  # bypass_forward refused this module: the layer runs as the base one
+        self._output_checked = False  # bypass_forward checked its first output
 
     @property
     def group(self) -> dict[str, torch.Tensor]:
@@ -102,23 +103,33 @@ class _TensorGroupAdapter(WeightAdapterBase):
     def bypass_forward(self, org_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The adapted layer at strength ``multiplier`` around the frozen layer's own forward
         (``tlora.adapters.Adapter.bypass``); the base weight is read only where the method needs it."""
+        if self._refused:
+            return org_forward(x, *args, **kwargs)
         module = org_forward.__self__
         weight = module.weight
         conv = ConvArgs(**self.kw_dict) if self.kw_dict else None
         try:
             adapter = self.adapter_for(weight.shape, x.device)  # frozen: gradients reach x only
         except (ValueError, RuntimeError) as err:
-            if not self._refused:
-                log.error("%s: %s not adapted (runs as the base layer): %s", self.name, self.module, err)
-                self._refused = True
-            return org_forward(x, *args, **kwargs)
-        return adapter.bypass(
+            return self._refuse(err, org_forward, x, *args, **kwargs)
+        y = adapter.bypass(
             x,
             lambda u: org_forward(u, *args, **kwargs),
             lambda: weight.detach().to(x.device, torch.float32),
             conv,
             float(self.multiplier),
         )
+        if not self._output_checked:  # once (one host sync): finite factors can still overflow here
+            self._output_checked = True
+            if bool(torch.isfinite(x).all()) and not bool(torch.isfinite(y).all()):
+                return self._refuse("its output is not finite on this layer", org_forward, x, *args, **kwargs)
+        return y
+
+    def _refuse(self, why, org_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Log why this module is not adapted, once, and run the layer as the base one from now on."""
+        log.error("%s: %s not adapted (runs as the base layer): %s", self.name, self.module, why)
+        self._refused = True
+        return org_forward(x, *args, **kwargs)
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Only the residual alone is additive (``m·s·x·Δᵀ``); a transform or SODA's rotation

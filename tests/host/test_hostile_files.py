@@ -121,3 +121,73 @@ def test_the_bypass_loader_runs_the_bad_layer_as_the_base_one(hostile, stem, cap
 
 def hostile_path(stem: str):
     return importlib.import_module("folder_paths").get_full_path_or_raise("loras", file_name(stem))
+
+
+def test_the_bypass_loader_checks_sodas_exact_fingerprint(hostile, caplog):
+    """ComfyUI's bypass injection casts every adapter tensor to the layer's dtype, the int64
+    fingerprint too: the registered adapter keeps it as loaded, so a SODA on its own base weights
+    is applied and checked exactly (no refusal for a float fingerprint, no mismatch warning)."""
+    import warnings
+
+    load_bypass = bypass_loader()
+    with warnings.catch_warnings(), caplog.at_level(logging.ERROR, logger="comfyui-tlora"):
+        warnings.simplefilter("error")  # a fingerprint mismatch is a UserWarning
+        out = bypass_output(load_bypass(hostile.model, None, dict(hostile.good["soda"]), 1.0, 0.0)[0])
+    assert not caplog.records, caplog.text
+    base = bypass_output(hostile.model)
+    assert torch.isfinite(out).all() and (out - base).norm() > 1e-3 * base.norm()
+
+
+def registered_patch(adapters, module: str, tensors: dict):
+    """What comfy.lora.load_lora keeps for ``module``: the first registered adapter whose load takes it."""
+    for adapter in adapters:
+        patch = adapter.load(module, tensors, None, None, set())
+        if patch is not None:
+            return patch
+    return None
+
+
+def layer_of(shape: tuple[int, ...], weight: torch.Tensor) -> torch.nn.Module:
+    layer = (
+        torch.nn.Conv2d(shape[1], shape[0], shape[2], padding=1) if len(shape) == 4 else torch.nn.Linear(*shape[::-1])
+    )
+    layer.weight.data = weight.clone()
+    return layer
+
+
+CONV_ARGS = {"stride": 1, "padding": 1, "dilation": 1, "groups": 1}  # what ComfyUI's bypass hook sets for a conv
+
+
+@pytest.mark.parametrize("method", ["tlora", "tlora_star", "transform", "residual", "soda", "svdiff"])
+def test_the_registered_adapters_never_raise_on_fuzzed_groups(comfy, method, caplog):
+    """bench/fuzz_files.py's structural mutations (valid checksum, hostile groups) straight through
+    the registered adapters as ComfyUI calls them: load, then calculate_weight and bypass_forward on
+    layers of each module's shape. Never an exception; every weight and output stays finite."""
+    import random
+
+    from comfy import weight_adapter
+
+    from bench.fuzz_files import LAYERS, good_file, structural_mutation
+
+    adapters = [a for a in weight_adapter.adapters if a.__module__.startswith("comfyui_tlora.")]
+    tensors, metadata, weights = good_file(method)
+    layers = {m: layer_of(shape, weights[m]) for m, shape in LAYERS.items()}
+    inputs = {m: torch.randn(2, 4, 6, 6) if len(s) == 4 else torch.randn(2, 5, s[1]) for m, s in LAYERS.items()}
+    rng, outcomes = random.Random(f"host:{method}"), {"applied": 0, "refused": 0}
+    with caplog.at_level(logging.ERROR, logger="comfyui-tlora"):
+        for _ in range(150):
+            mutated, _ = structural_mutation(tensors, metadata, rng)
+            for module, layer in layers.items():
+                patch = registered_patch(adapters, module, mutated)
+                if patch is None:
+                    outcomes["refused"] += 1
+                    continue
+                weight = layer.weight.detach().clone()
+                weight = patch.calculate_weight(weight, f"{module}.weight", 1.0, 1.0, None, lambda d: d)
+                assert torch.isfinite(weight).all()
+                patch.kw_dict = CONV_ARGS if isinstance(layer, torch.nn.Conv2d) else {}
+                with torch.no_grad():
+                    out = patch.bypass_forward(layer.forward, inputs[module])
+                assert torch.isfinite(out).all() and out.shape == layer(inputs[module]).shape
+                outcomes["applied"] += 1
+    assert outcomes["refused"] > 50 and outcomes["applied"] > 50, outcomes
