@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .adapters.base import Adapter
 from .format import write_safetensors
-from .stiefel import soda_optimizers
+from .stiefel import adam, soda_optimizers
 
 Schedule = Literal["constant", "cosine"]
 Loss = Literal["mse", "dco"]
@@ -102,7 +102,7 @@ class Trainer:
         plain = [p for a in self.adapters.values() if not hasattr(a, "parameter_roles") for p in a.parameters()]
         self.optimizers: list[torch.optim.Optimizer] = []
         if plain:
-            self.optimizers.append(torch.optim.AdamW(plain, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
+            self.optimizers.append(adam(torch.optim.AdamW, plain, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
         if soda:
             self.optimizers += soda_optimizers(soda, cfg.learning_rate, cfg.rotation_learning_rate, cfg.weight_decay)
         for opt in self.optimizers:
@@ -163,8 +163,8 @@ class Trainer:
             groups.append(state["param_groups"])
             for idx, values in state["state"].items():
                 for name, value in values.items():
-                    if isinstance(value, Tensor):
-                        tensors[f"optimizer.{k}.{idx}.{name}"] = value.detach().contiguous().cpu()
+                    if isinstance(value, Tensor):  # a copy: StiefelAdam's moments are views of one tensor
+                        tensors[f"optimizer.{k}.{idx}.{name}"] = value.detach().to("cpu", copy=True)
                     else:
                         scalars.setdefault(f"{k}.{idx}", {})[name] = value
         meta = {
@@ -183,6 +183,10 @@ class Trainer:
         if len(groups) != len(self.optimizers):
             raise ValueError("the saved optimizer state belongs to another method or layer set")
         for k, opt in enumerate(self.optimizers):
+            # keep this optimizer's kernels (fused or foreach), whichever the saving one used; a
+            # count mismatch is load_state_dict's to report
+            kernels = [{key: g[key] for key in ("fused", "foreach") if key in g} for g in opt.param_groups]
+            saved_groups = [{**saved, **mine} for saved, mine in zip(groups[k], kernels, strict=False)]
             state: dict[int, dict] = {}
             for key, value in tensors.items():
                 _, opt_k, idx, name = key.split(".", 3)
@@ -193,7 +197,7 @@ class Trainer:
                 if int(opt_k) == k:
                     state.setdefault(int(idx), {}).update(values)
             try:
-                opt.load_state_dict({"state": state, "param_groups": groups[k]})
+                opt.load_state_dict({"state": state, "param_groups": saved_groups})
             except (ValueError, KeyError) as err:
                 raise ValueError(f"the saved optimizer state does not fit these adapters: {err}") from None
         self.step = int(meta["step"])
