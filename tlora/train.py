@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from . import batched
 from .adapters.base import Adapter
 from .format import write_safetensors
 from .stiefel import adam, soda_optimizers
@@ -113,7 +114,8 @@ class Trainer:
         return [p for a in self.adapters.values() for p in a.parameters() if p.requires_grad]
 
     def regularizer(self) -> Tensor:
-        return sum((a.regularizer() for a in self.adapters.values() if a.has_regularizer), torch.zeros(()))
+        total = batched.regularizer(self.adapters.values())
+        return torch.zeros(()) if total is None else total
 
     @property
     def done(self) -> bool:
@@ -131,8 +133,9 @@ class Trainer:
         total = 0.0
         for micro in range(cfg.grad_accumulation):
             loss = micro_loss(self.step, micro)
-            reg = self.regularizer()
-            loss = loss + reg.to(loss.device)
+            reg = batched.regularizer(self.adapters.values())  # per group of same-shaped layers
+            if reg is not None:
+                loss = loss + reg.to(loss.device)
             if not torch.isfinite(loss):
                 self.zero_grad()
                 raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step + 1}")
