@@ -1,7 +1,7 @@
 """ATen ops dispatched per training step (forward, backward, clipping, optimizer) for every
 method, side by side with LoRA r=4.
 
-    python bench/launches.py [--sets tiny sdxl flux]
+    python bench/launches.py [--sets tiny sdxl flux] [--time STEPS]
 
 On a GPU every dispatched op costs a kernel launch (or at least its CPU-side dispatch), and a
 step of small adapter ops is bound by those, not by arithmetic (bench/RESULTS.md, "On a GPU").
@@ -24,6 +24,8 @@ Layer sets:
 On the meta device no value exists: ``.item()`` and ``bool()`` of a meta tensor read as 0 and
 True, so the finite-loss check passes and StiefelAdam's Newton–Schulz loop stops after its
 first convergence test (on real data it runs ≈ 2-4 more iterations per shape, ≈ 10 ops each).
+Gradient clipping and Adam take their foreach and fused paths there as on CPU and CUDA (torch
+keeps them to real devices: on meta it would fall back to a few ops per tensor).
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import importlib
+import statistics
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +48,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.shapes import SDXL  # noqa: E402
-from tlora.adapters import SODA, TLoRA, preset, soda_preset  # noqa: E402
-from tlora.adapters.base import Adapter  # noqa: E402
-from tlora.batched import prepared  # noqa: E402
-from tlora.model import attach  # noqa: E402
-from tlora.train import TrainConfig, Trainer  # noqa: E402
+from tlora import stiefel
+from tlora.adapters import SODA, TLoRA, preset, soda_preset
+from tlora.adapters.base import Adapter
+from tlora.batched import prepared
+from tlora.model import attach
+from tlora.train import TrainConfig, Trainer
 
 METHODS: dict[str, Callable[[tuple[int, int]], Adapter]] = {
     "LoRA r=4": lambda shape: TLoRA(shape, preset("lora", residual_rank=4)),
@@ -106,10 +111,10 @@ def frozen_linear(in_features: int, out_features: int, device: str, bias: bool =
     return layer
 
 
-def tiny(device: str = "cpu") -> LayerSet:
+def tiny(device: str = "cpu", layers: int = 16) -> LayerSet:
     """16 adapted 320→320 Linears in a chain, 256 tokens; loss: MSE to a random target."""
     gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(*[frozen_linear(320, 320, device) for _ in range(16)])
+    model = nn.Sequential(*[frozen_linear(320, 320, device) for _ in range(layers)])
     x, target = (torch.randn(256, 320, generator=gen).to(device) for _ in range(2))
     return LayerSet(model, lambda: (model(x) - target).pow(2).mean(), torch.device(device))
 
@@ -133,14 +138,14 @@ class SDXLAttention(nn.Module):
     """SDXL's 70 transformer blocks' attention (10 at 640 wide, 60 at 1280), a frozen 2×2 pool
     and projection between the widths; 560 adapted Linears (the shapes of bench/shapes.SDXL)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, blocks: tuple[int, int] = (10, 60)):
         super().__init__()
         self.stages = nn.ModuleList(
             nn.ModuleList(
                 nn.ModuleDict({"attn1": Attention(w, w, device), "attn2": Attention(w, 2048, device)})
                 for _ in range(count)
             )
-            for w, count in ((640, 10), (1280, 60))
+            for w, count in zip((640, 1280), blocks, strict=True)
         )
         self.widen = frozen_linear(640, 1280, device, adapted=False)
 
@@ -154,11 +159,8 @@ class SDXLAttention(nn.Module):
         return h
 
 
-def sdxl(device: str = "meta") -> LayerSet:
-    model = SDXLAttention(device)
-    assert sorted((m.out_features, m.in_features) for m in model.modules() if getattr(m, "adapted", False)) == sorted(
-        (o, i) for _, o, i in SDXL
-    )
+def sdxl(device: str = "meta", blocks: tuple[int, int] = (10, 60)) -> LayerSet:
+    model = SDXLAttention(device, blocks)
     h, context = torch.randn(1, 4096, 640, device=device), torch.randn(1, 77, 2048, device=device)
     return LayerSet(model, lambda: model(h, context).pow(2).mean(), torch.device(device))
 
@@ -177,9 +179,13 @@ class FluxAttention(nn.Module):
         def stream():
             return nn.ModuleDict({"qkv": frozen_linear(w, 3 * w, device), "proj": frozen_linear(w, w, device)})
 
-        self.double_blocks = nn.ModuleList(nn.ModuleDict({"img_attn": stream(), "txt_attn": stream()}) for _ in range(double))
+        self.double_blocks = nn.ModuleList(
+            nn.ModuleDict({"img_attn": stream(), "txt_attn": stream()}) for _ in range(double)
+        )
         self.single_blocks = nn.ModuleList(
-            nn.ModuleDict({"linear1": frozen_linear(w, 3 * w + mlp, device), "linear2": frozen_linear(w + mlp, w, device)})
+            nn.ModuleDict(
+                {"linear1": frozen_linear(w, 3 * w + mlp, device), "linear2": frozen_linear(w + mlp, w, device)}
+            )
             for _ in range(single)
         )
 
@@ -229,30 +235,77 @@ def adapters_for(layer_set: LayerSet, method: str) -> dict[str, Adapter]:
     return adapters
 
 
-def count_step(layer_set: LayerSet, method: str, mode: str) -> OpCounter:
-    """Ops of one ``Trainer.train_step`` (after a warm-up step) of ``method`` on ``layer_set``."""
+@contextlib.contextmanager
+def meta_kernels_as_on_cpu() -> Iterator[None]:
+    """``clip_grad_norm_`` by foreach ops and Adam by its fused kernel on meta tensors, as on
+    CPU and CUDA (torch has both for meta, but only picks them on real devices)."""
+    clip_grad, adam_module = torch.nn.utils.clip_grad, importlib.import_module("torch.optim.adam")
+    has_foreach, check_fused, fused_exist = (
+        clip_grad._has_foreach_support,
+        adam_module._device_dtype_check_for_fused,
+        stiefel.fused_kernels_exist,
+    )
+    clip_grad._has_foreach_support = lambda tensors, device: device.type == "meta" or has_foreach(tensors, device)
+    adam_module._device_dtype_check_for_fused = lambda p, *args, **kwargs: p.is_meta or check_fused(p, *args, **kwargs)
+    stiefel.fused_kernels_exist = lambda params: all(p.is_meta for p in params) or fused_exist(params)
+    try:
+        yield
+    finally:
+        clip_grad._has_foreach_support = has_foreach
+        adam_module._device_dtype_check_for_fused = check_fused
+        stiefel.fused_kernels_exist = fused_exist
+
+
+@contextlib.contextmanager
+def training(layer_set: LayerSet, method: str, mode: str) -> Iterator[Callable[[], float]]:
+    """``method``'s adapters attached to ``layer_set`` and a trainer; yields its ``train_step``
+    on the layer set's loss (``mode``: each layer's own path, or batched factors)."""
+    meta = meta_kernels_as_on_cpu() if layer_set.device.type == "meta" else contextlib.nullcontext()
     adapters = adapters_for(layer_set, method)
     detach = attach(layer_set.modules(), adapters)
+
+    def micro_loss(step: int, micro: int) -> Tensor:
+        with prepared(adapters.values()) if mode == "batched" else contextlib.nullcontext():
+            return layer_set.loss()
+
     try:
-
-        def micro_loss(step: int, micro: int) -> Tensor:
-            with prepared(adapters.values()) if mode == "batched" else contextlib.nullcontext():
-                return layer_set.loss()
-
-        trainer = Trainer(adapters, TrainConfig(steps=2))
-        with OpCounter():  # the warm-up step (a counter too: it answers .item() on meta)
-            trainer.train_step(micro_loss)
-        counter = OpCounter()
-        with counter:
-            trainer.train_step(micro_loss)
-        return counter
+        with meta:
+            trainer = Trainer(adapters, TrainConfig(steps=1000))
+            yield lambda: trainer.train_step(micro_loss)
     finally:
         detach()
 
 
+def count_step(layer_set: LayerSet, method: str, mode: str) -> OpCounter:
+    """Ops of one ``Trainer.train_step`` (after a warm-up step) of ``method`` on ``layer_set``."""
+    counter = OpCounter()
+    with training(layer_set, method, mode) as train_step:
+        with OpCounter():  # the warm-up step (a counter too: it answers .item() on meta)
+            train_step()
+        with counter:
+            train_step()
+    return counter
+
+
+def step_time(layer_set: LayerSet, method: str, mode: str, steps: int) -> float:
+    """Median wall time (s) of ``steps`` training steps after two warm-up steps (a real device)."""
+    with training(layer_set, method, mode) as train_step:
+        train_step()
+        train_step()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            train_step()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def count_all(set_name: str, methods=tuple(METHODS), modes=MODES) -> dict[tuple[str, str], int]:
-    """``(method, mode) → ops per step`` on one layer set (built once)."""
-    layer_set = SETS[set_name]()
+    """``(method, mode) → ops per step`` on one of :data:`SETS`."""
+    return count_all_on(SETS[set_name](), methods, modes)
+
+
+def count_all_on(layer_set: LayerSet, methods=tuple(METHODS), modes=MODES) -> dict[tuple[str, str], int]:
     return {(method, mode): count_step(layer_set, method, mode).total for method in methods for mode in modes}
 
 
@@ -261,17 +314,25 @@ def reference_count(counts: dict[tuple[str, str], int]) -> int:
     return min(counts[(REFERENCE, mode)] for mode in MODES)
 
 
-def report(set_name: str, counts: dict[tuple[str, str], int], layers: int) -> list[str]:
+def report(
+    set_name: str, counts: dict[tuple[str, str], int], layers: int, times: dict[tuple[str, str], float] | None = None
+) -> list[str]:
     lora = reference_count(counts)
     lines = [f"{set_name}: {layers} adapted layers; ops per step (per layer), × {REFERENCE} ({lora} ops)"]
-    lines.append(f"  {'method':<16}" + "".join(f"{mode:>24}" for mode in MODES))
+    if times:
+        lines[0] += "; CPU ms per step (median)"
+    width = 34 if times else 24
+    lines.append(f"  {'method':<16}" + "".join(f"{mode:>{width}}" for mode in MODES))
     methods = dict.fromkeys(method for method, _ in counts)
     for method in methods:
         cells = []
         for mode in MODES:
             n = counts[(method, mode)]
-            cells.append(f"{n:>9,} ({n / layers:5.1f}) {n / lora:5.2f}×")
-        lines.append(f"  {method:<16}" + "".join(f"{c:>24}" for c in cells))
+            cell = f"{n:>9,} ({n / layers:5.1f}) {n / lora:5.2f}×"
+            if times:
+                cell += f" {times[(method, mode)] * 1e3:7.1f}ms"
+            cells.append(cell)
+        lines.append(f"  {method:<16}" + "".join(f"{c:>{width}}" for c in cells))
     for method, limit in TARGETS.items():
         if (method, "batched") in counts:
             ratio = counts[(method, "batched")] / lora
@@ -284,13 +345,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--time", type=int, default=0, metavar="STEPS", help="also time STEPS steps (tiny set, CPU)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}; ops dispatched per Trainer.train_step, after one warm-up step")
+    methods = list(dict.fromkeys([REFERENCE, *args.methods]))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ops dispatched per Trainer.train_step")
     missed = False
     for set_name in args.sets:
-        counts = count_all(set_name, args.methods)
-        layers = len(SETS[set_name]().modules())
-        lines = report(set_name, counts, layers)
+        counts = count_all(set_name, methods)
+        layer_set = SETS[set_name]()
+        times = None
+        if args.time and layer_set.device.type != "meta":
+            times = {key: step_time(layer_set, *key, args.time) for key in counts}
+        lines = report(set_name, counts, len(layer_set.modules()), times)
         missed |= any(line.endswith("MISSED") for line in lines)
         print("\n".join(lines) + "\n", flush=True)
     return 1 if missed else 0
