@@ -1,7 +1,7 @@
 """ATen ops dispatched per training step (forward, backward, clipping, optimizer) for every
 method, side by side with LoRA r=4.
 
-    python bench/launches.py [--sets tiny sdxl flux] [--time STEPS]
+    python bench/launches.py [--sets tiny sdxl flux] [--time STEPS --threads 1]
 
 On a GPU every dispatched op costs a kernel launch (or at least its CPU-side dispatch), and a
 step of small adapter ops is bound by those, not by arithmetic (bench/RESULTS.md, "On a GPU").
@@ -288,15 +288,17 @@ def count_step(layer_set: LayerSet, method: str, mode: str) -> OpCounter:
 
 
 def step_time(layer_set: LayerSet, method: str, mode: str, steps: int) -> float:
-    """Median wall time (s) of ``steps`` training steps after two warm-up steps (a real device)."""
+    """Median CPU time (s) of this process over ``steps`` training steps, after two warm-up
+    steps: unlike wall time, not inflated by other jobs on a shared machine (run one thread,
+    ``--threads 1``, so that no thread spins waiting for another)."""
     with training(layer_set, method, mode) as train_step:
         train_step()
         train_step()
         times = []
         for _ in range(steps):
-            start = time.perf_counter()
+            start = time.process_time()
             train_step()
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
     return statistics.median(times)
 
 
@@ -320,7 +322,7 @@ def report(
     lora = reference_count(counts)
     lines = [f"{set_name}: {layers} adapted layers; ops per step (per layer), × {REFERENCE} ({lora} ops)"]
     if times:
-        lines[0] += "; CPU ms per step (median)"
+        lines[0] += "; CPU time per step (median)"
     width = 34 if times else 24
     lines.append(f"  {'method':<16}" + "".join(f"{mode:>{width}}" for mode in MODES))
     methods = dict.fromkeys(method for method, _ in counts)
@@ -346,7 +348,10 @@ def main() -> int:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--time", type=int, default=0, metavar="STEPS", help="also time STEPS steps (tiny set, CPU)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = list(dict.fromkeys([REFERENCE, *args.methods]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ops dispatched per Trainer.train_step")
     missed = False
