@@ -18,10 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from . import batched
 from .adapters.base import Adapter
 from .format import write_safetensors
 from .options import TrainingOptions
-from .stiefel import soda_optimizers
+from .stiefel import adam, soda_optimizers
 from .validate import all_finite
 
 
@@ -72,7 +73,7 @@ class Trainer:
         soda = [self.adapters[name] for name, r in roles.items() if set(r) - {"adamw"}]
         self.optimizers: list[torch.optim.Optimizer] = []
         if plain:
-            self.optimizers.append(torch.optim.AdamW(plain, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
+            self.optimizers.append(adam(torch.optim.AdamW, plain, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
         if soda:
             self.optimizers += soda_optimizers(soda, cfg.learning_rate, cfg.rotation_learning_rate, cfg.weight_decay)
         for opt in self.optimizers:
@@ -83,7 +84,8 @@ class Trainer:
         return [p for a in self.adapters.values() for p in a.parameters() if p.requires_grad]
 
     def regularizer(self) -> Tensor:
-        return sum((a.regularizer() for a in self.adapters.values() if a.has_regularizer), torch.zeros(()))
+        total = batched.regularizer(self.adapters.values())
+        return torch.zeros(()) if total is None else total
 
     @property
     def done(self) -> bool:
@@ -101,8 +103,9 @@ class Trainer:
         total = 0.0
         for micro in range(cfg.grad_accumulation):
             loss = micro_loss(self.step, micro)
-            reg = self.regularizer()
-            loss = loss + reg.to(loss.device)
+            reg = batched.regularizer(self.adapters.values())  # per group of same-shaped layers
+            if reg is not None:
+                loss = loss + reg.to(loss.device)
             if not torch.isfinite(loss):
                 self.zero_grad()
                 raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step + 1}")
@@ -136,8 +139,8 @@ class Trainer:
             groups.append(state["param_groups"])
             for idx, values in state["state"].items():
                 for name, value in values.items():
-                    if isinstance(value, Tensor):
-                        tensors[f"optimizer.{k}.{idx}.{name}"] = value.detach().contiguous().cpu()
+                    if isinstance(value, Tensor):  # a copy: StiefelAdam's moments are views of one tensor
+                        tensors[f"optimizer.{k}.{idx}.{name}"] = value.detach().to("cpu", copy=True)
                     else:
                         scalars.setdefault(f"{k}.{idx}", {})[name] = value
         meta = {
@@ -156,6 +159,10 @@ class Trainer:
         if len(groups) != len(self.optimizers):
             raise ValueError("the saved optimizer state belongs to another method or layer set")
         for k, opt in enumerate(self.optimizers):
+            # keep this optimizer's kernels (fused or foreach), whichever the saving one used; a
+            # count mismatch is load_state_dict's to report
+            kernels = [{key: g[key] for key in ("fused", "foreach") if key in g} for g in opt.param_groups]
+            saved_groups = [{**saved, **mine} for saved, mine in zip(groups[k], kernels, strict=False)]
             state: dict[int, dict] = {}
             for key, value in tensors.items():
                 _, opt_k, idx, name = key.split(".", 3)
@@ -166,7 +173,7 @@ class Trainer:
                 if int(opt_k) == k:
                     state.setdefault(int(idx), {}).update(values)
             try:
-                opt.load_state_dict({"state": state, "param_groups": groups[k]})
+                opt.load_state_dict({"state": state, "param_groups": saved_groups})
             except (ValueError, KeyError) as err:
                 raise ValueError(f"the saved optimizer state does not fit these adapters: {err}") from None
         self.step = int(meta["step"])

@@ -271,8 +271,9 @@ def non_finite_message(key: str, count: int) -> str:
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether every value of every tensor is finite, in one fused reduction: the max-abs norm
     of each tensor (NaN and inf propagate; finite values cannot overflow), then one host sync."""
-    tensors = [t.detach() for t in tensors if t.numel()]
+    tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return True
-    norms = torch._foreach_norm(tensors, math.inf)
-    return bool(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).isfinite().all())
+    with torch.no_grad():  # no per-tensor detach: one op each, a kernel launch on a GPU
+        norms = torch._foreach_norm(tensors, math.inf)
+        return bool(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).isfinite().all())

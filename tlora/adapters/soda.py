@@ -29,6 +29,7 @@ from ..factorize import factorize
 from ..fingerprint import OnMismatch, check_fingerprint, fingerprint
 from ..stiefel import cayley
 from .base import MAX_FILE_ORDER, Adapter, ConvArgs, expect, layer_widths
+from .tlora import in_dtype_of
 
 Rotation = Literal["stiefel", "cayley", "none"]
 ForwardPath = Literal["auto", "merged", "activations"]
@@ -152,6 +153,8 @@ class SODA(Adapter):
     reused afterwards whatever weight is passed; loading a state dict makes the next use
     check the weight against the loaded fingerprint.
     """
+
+    prepared: tuple[Tensor | None, Tensor] | None = None  # set by tlora.batched.prepared
 
     def __init__(self, weight_shape: tuple[int, ...], config: SODAConfig = SODA_PRESETS["soda"]):
         super().__init__(weight_shape)
@@ -288,6 +291,8 @@ class SODA(Adapter):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, conv: ConvArgs | None = None) -> Tensor:
         """Merged path, or on the activations: ``((x·O)·Vhᵀ·diag(ReLU(σ+δ)))·Uᵀ + b`` in fp32."""
+        if self.prepared is not None and conv is None:
+            return self._prepared_forward(x, weight, bias)
         if conv is not None or self.choose_path(tokens_of(x.numel(), self.in_features)) == "merged":
             return super().forward(x, weight, bias, conv)
         self._check_weight(weight)
@@ -318,3 +323,14 @@ class SODA(Adapter):
         y = base(x32.lerp(rotated.float(), strength).to(x.dtype) if self.factors else x)  # autocast: half
         shift = self.U * ((self.spectrum() - self.sigma) * strength)
         return y + F.linear(F.linear(rotated, self.Vh), shift).to(y.dtype)
+
+    def _prepared_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear(F.linear(x + x·(O − I), Vh)·s, U, b)`` on factors built by
+        :func:`tlora.batched.prepared`: ``(O − I`` ``[in, in]`` or None, ``s = ReLU(σ+δ)``)."""
+        self._check_weight(weight)
+        excess_t, spectrum = self.prepared
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        u = rows if excess_t is None else torch.addmm(rows, rows, in_dtype_of(x, excess_t))
+        z = F.linear(u, self.Vh.to(u.dtype)) * spectrum
+        y = F.linear(z, self.U.to(z.dtype), None if bias is None else bias.to(z.dtype)).to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])

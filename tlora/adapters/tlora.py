@@ -124,11 +124,11 @@ def check_widths(
         expect(1 <= rank <= bound, f"{name} {rank} is outside 1..{bound} (the layer's width)")
 
 
-def _matmul_t(x: Tensor, m: Tensor) -> Tensor:
-    """``x @ mᵀ`` in ``x``'s dtype (autocast, when on, picks the dtype itself)."""
+def in_dtype_of(x: Tensor, m: Tensor) -> Tensor:
+    """``m`` for a matmul with ``x``: in ``x``'s dtype (unless autocast, when on, picks it)."""
     if m.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
-        return x @ m.T
-    return x @ m.T.to(x.dtype)
+        return m
+    return m.to(x.dtype)
 
 
 class TLoRA(Adapter):
@@ -433,13 +433,15 @@ class TLoRA(Adapter):
 
     def _prepared_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x + x·Eᵀ, W, b) + (x·downᵀ)·upᵀ`` on factors built by
-        :func:`tlora.batched.prepared` (``E = T − I``, ``up`` already scaled)."""
-        excess, up, down = self.prepared
-        u = x if excess is None else x + _matmul_t(x, excess)
+        :func:`tlora.batched.prepared`: ``(Eᵀ = Tᵀ − I, downᵀ, (s·up)ᵀ)``, each None if absent.
+        On ``x``'s rows as one matrix: each product is one (add)mm, as few ops as a LoRA's."""
+        excess_t, down_t, up_t = self.prepared
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        u = rows if excess_t is None else torch.addmm(rows, rows, in_dtype_of(x, excess_t))
         y = base_forward(u, weight, bias, None)
-        if up is not None:
-            y = y + _matmul_t(_matmul_t(x, down), up).to(y.dtype)
-        return y
+        if up_t is not None:
+            y = torch.addmm(y, rows @ in_dtype_of(x, down_t), in_dtype_of(x, up_t))
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @property
     def has_regularizer(self) -> bool:
