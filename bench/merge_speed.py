@@ -10,7 +10,9 @@ fp16 and patched one by one, so only one layer's fp32 temporaries exist at a tim
 
 - core-only (default, no ComfyUI): the file's tensors (``Adapter.file_tensors``) are
   grouped per module, each module's adapter is rebuilt (``build_adapter``, as the pack's
-  ComfyUI adapter does on first use) and ``adapter.delta_weight`` gives ``W' − W``;
+  ComfyUI adapter does on first use) and ``W' − W`` comes from a ``GroupedMerge`` (as in the
+  pack's ComfyUI adapter: same-shaped layers' factors built in one batched pass) or, in the
+  "per layer" diagnostic row, from each ``adapter.delta_weight`` alone;
 - ``--comfyui PATH``: the same tensors go through ComfyUI's own ``comfy.lora.load_lora`` (with
   the pack imported as ComfyUI imports it, so its adapters are registered) and each weight
   through ``comfy.lora.calculate_weight`` exactly as ``ModelPatcher.patch_weight_to_device``
@@ -80,13 +82,16 @@ def core_namespace(comfyui: Path | None) -> SimpleNamespace:
     ComfyUI imports it (``--comfyui``), else from the repo's ``tlora`` package."""
     if comfyui is None:
         sys.path.insert(0, str(REPO))
-        from tlora import TLoRA, cost, format, preset
+        from tlora import TLoRA, batched_merge, cost, format, preset
 
-        return SimpleNamespace(TLoRA=TLoRA, preset=preset, format=format, cost=cost)
+        return SimpleNamespace(TLoRA=TLoRA, preset=preset, format=format, cost=cost, batched_merge=batched_merge)
     adapters = importlib.import_module(f"{PACK_MODULE}.tlora.adapters.tlora")
     fmt = importlib.import_module(f"{PACK_MODULE}.tlora.format")
     cost = importlib.import_module(f"{PACK_MODULE}.tlora.cost")
-    return SimpleNamespace(TLoRA=adapters.TLoRA, preset=adapters.preset, format=fmt, cost=cost)
+    batched_merge = importlib.import_module(f"{PACK_MODULE}.tlora.batched_merge")
+    return SimpleNamespace(
+        TLoRA=adapters.TLoRA, preset=adapters.preset, format=fmt, cost=cost, batched_merge=batched_merge
+    )
 
 
 def import_comfyui(path: Path) -> SimpleNamespace:
@@ -115,14 +120,26 @@ class CorePatcher:
     def __init__(self, core: SimpleNamespace):
         self.core = core
 
-    def load(self, tensors: dict, modules: list[str]) -> dict:
+    def load(self, tensors: dict, modules: list[str], per_layer: bool = False) -> dict:
         groups = self.core.format.group_by_module(tensors)
-        return {m: groups[m] for m in modules}
+        loaded = {m: groups[m] for m in modules}
+        merge = None if per_layer else self.core.batched_merge.GroupedMerge()
+        for m, group in loaded.items():
+            if merge is not None:
+                signature = tuple((k, tuple(t.shape)) for k, t in group.items())
+                merge.add(m, signature, lambda shape, device, g=group: self.build(shape, g, device))
+        return {"groups": loaded, "merge": merge}
+
+    def build(self, shape: tuple[int, ...], group: dict, device: torch.device):
+        return self.core.format.build_adapter(tuple(shape), group).to(device)
 
     def patch(self, loaded: dict, module: str, weight: torch.Tensor, strength: float) -> None:
-        adapter = self.core.format.build_adapter(tuple(weight.shape), loaded[module]).to(weight.device)
         w32 = weight.to(torch.float32, copy=True)
-        w32.add_(adapter.delta_weight(w32), alpha=strength)
+        merge = loaded["merge"]
+        delta = None if merge is None else merge.delta(module, w32)
+        if delta is None:
+            delta = self.build(weight.shape, loaded["groups"][module], weight.device).delta_weight(w32)
+        w32.add_(delta, alpha=strength)
         weight.copy_(w32)
 
     def round_trip(self, module: str, weight: torch.Tensor) -> None:
@@ -148,7 +165,7 @@ class ComfyPatcher:
 
         logging.getLogger().addHandler(Count())
 
-    def load(self, tensors: dict, modules: list[str]) -> dict:
+    def load(self, tensors: dict, modules: list[str], per_layer: bool = False) -> dict:
         key_map = {m: f"{m}.weight" for m in modules}  # ComfyUI's generic "diffusion_model.x" mapping
         self.not_loaded = 0
         patches = self.comfy.lora.load_lora(tensors, key_map)
@@ -156,6 +173,10 @@ class ComfyPatcher:
             raise RuntimeError(
                 f"ComfyUI loaded {len(patches)} of {len(modules)} modules; {self.not_loaded} keys not loaded"
             )
+        if per_layer:  # the diagnostic row: each of the pack's adapters merges alone
+            for adapter in patches.values():
+                if getattr(adapter, "merge", None) is not None:
+                    adapter.merge = None
         return patches
 
     def patch(self, loaded: dict, module: str, weight: torch.Tensor, strength: float) -> None:
@@ -216,6 +237,7 @@ class Row:
     params: int
     macs: int
     modewise: bool = False  # diagnostic: W·T always mode by mode, never through a dense T
+    per_layer: bool = False  # diagnostic: each layer's factors built alone (no GroupedMerge)
     load: list[float] = field(default_factory=list)
     patch: list[float] = field(default_factory=list)
 
@@ -239,7 +261,7 @@ def run_pass(patcher, row: Row, layers, weights, strength: float, record: bool =
     modules = [module_name(name) for name, _, _ in layers]
     with torch.no_grad(), modewise_merge(patcher.core, row.modewise):
         start = time.perf_counter()
-        loaded = patcher.load(row.tensors, modules)
+        loaded = patcher.load(row.tensors, modules, row.per_layer)
         load = time.perf_counter() - start
         start = time.perf_counter()
         for (name, _, _), module in zip(layers, modules, strict=True):
@@ -255,7 +277,7 @@ def only(row: Row, layers) -> Row:
     """``row`` restricted to the tensors of ``layers`` (a file holding just those modules)."""
     prefixes = tuple(module_name(name) + "." for name, _, _ in layers)
     tensors = {k: v for k, v in row.tensors.items() if k.startswith(prefixes)}
-    return Row(row.label, tensors, row.params, row.macs, row.modewise)
+    return Row(row.label, tensors, row.params, row.macs, row.modewise, row.per_layer)
 
 
 def one_per_shape(layers):
@@ -318,6 +340,7 @@ def bench_model(model: str, patcher, core, args) -> int:
     label, method, overrides = PAIRS[model][0]
     config = core.preset(method, **overrides)
     dense = sum(core.cost.dense_merge_is_cheaper(core.TLoRA((o, i), config).cost_shape) for _, o, i in layers)
+    rows.append(Row(f"{label} per layer", rows[0].tensors, rows[0].params, rows[0].macs, per_layer=True))
     if dense:  # a diagnostic row: the same adapter merged mode by mode everywhere
         rows.append(Row(f"{label} mode-wise", rows[0].tensors, rows[0].params, rows[0].macs, modewise=True))
     check_patch(patcher, core, rows, layers, args.strength)
@@ -334,7 +357,7 @@ def bench_model(model: str, patcher, core, args) -> int:
         f"\n{model}: {len(layers)} attention linears, {numel / 1e6:.0f}M weights "
         f"({numel * 2 / 2**20:.0f} MiB fp16); {'median of ' if repeats > 1 else ''}{repeats} pass(es)"
     )
-    loras = [r for r in rows[1:] if not r.modewise]
+    loras = [r for r in rows[1:] if not (r.modewise or r.per_layer)]
     head = f"  {'adapter':<22}{'params':>9}{'load':>12}{'patch':>10}{'total':>10}"
     print(head + "".join(f"{'vs ' + r.label:>14}" for r in loras))
     for row in rows:

@@ -9,6 +9,11 @@ a tuple of tensors (``weights``), which the host's offloading and prefetch walk 
 ``W' − W`` in fp32 and adds ``strength · (W' − W)``; ``bypass_forward`` runs the same adapted layer
 around the frozen one without merging (quantized base weights).
 
+TLoRA-family layers loaded from one file share a :class:`~tlora.batched_merge.GroupedMerge`: the
+first merge of a group of same-shaped layers builds the factors of the next ones in one batched
+pass. ComfyUI hands every ``load`` of one file the same dict: layers loaded one after another
+with the same first tensor share one (held by the layers only: no file outlives its model here).
+
 A module whose group fails the core's checks (``tlora.validate``: keys, shapes, ranks against the
 layer, finite values) is refused with that message in the log and left unpatched, at each of the
 three steps: no raw exception reaches the loader or the sampler.
@@ -17,16 +22,19 @@ three steps: no raw exception reaches the loader or the sampler.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from comfy import weight_adapter
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..tlora.adapters import SODA, Adapter, ConvArgs, TLoRA
+from ..tlora.batched_merge import GroupedMerge
 from ..tlora.format import build_adapter, finite_delta
 from ..tlora.validate import AdapterFileError, check_finite, check_group
 
 log = logging.getLogger("comfyui-tlora")
+_loading: tuple[weakref.ref, weakref.ref] | None = None  # (the file's first tensor, its GroupedMerge)
 
 
 class _TensorGroupAdapter(WeightAdapterBase):
@@ -36,6 +44,7 @@ class _TensorGroupAdapter(WeightAdapterBase):
     adapter_class: type[Adapter]  # whose file keys a module's group has
     multiplier = 1.0  # the strength, set by ComfyUI's bypass hook
     kw_dict: dict = {}  # noqa: RUF012 (ComfyUI's bypass hook sets it per instance)
+    merge: GroupedMerge | None = None  # shared with the file's other layers (set by ``load``)
 
     def __init__(self, loaded_keys: tuple[str, ...], weights: tuple[torch.Tensor, ...]):
         self.loaded_keys = tuple(loaded_keys)
@@ -66,7 +75,23 @@ class _TensorGroupAdapter(WeightAdapterBase):
         keys = tuple(f"{x}.{suffix}" for suffix in group)
         if loaded_keys is not None:
             loaded_keys.update(keys)
-        return cls(keys, tuple(_to_host(t) for t in group.values()))
+        adapter = cls(keys, tuple(_to_host(t) for t in group.values()))
+        if cls.adapter_class is TLoRA:
+            adapter.join(_file_merge(next(iter(lora.values()))), group)
+        return adapter
+
+    def join(self, merge: GroupedMerge, group: dict[str, torch.Tensor]) -> None:
+        """Merge with the file's same-shaped layers (the merge holds this layer weakly)."""
+        method = weakref.WeakMethod(self.adapter_for)
+
+        def build(shape, device) -> Adapter:
+            adapter_for = method()
+            if adapter_for is None:
+                raise ValueError("this layer's adapter is gone")
+            return adapter_for(shape, device)
+
+        self.merge = merge
+        merge.add(self.module, tuple((suffix, tuple(t.shape)) for suffix, t in group.items()), build)
 
     def adapter_for(self, shape: tuple[int, ...], device: torch.device) -> Adapter:
         key = (tuple(shape), device)
@@ -92,9 +117,12 @@ class _TensorGroupAdapter(WeightAdapterBase):
             return weight
         try:
             with torch.no_grad():
-                adapter = self.adapter_for(weight.shape, weight.device)
-                self.prepare(adapter, weight)
-                delta = finite_delta(adapter, weight, self.module).mul_(strength)  # a fresh buffer: scaled in place
+                delta = self.merge.delta(self.module, weight) if self.merge is not None else None
+                if delta is None or not bool(torch.isfinite(delta).all()):  # its own path (which explains why)
+                    adapter = self.adapter_for(weight.shape, weight.device)
+                    self.prepare(adapter, weight)
+                    delta = finite_delta(adapter, weight, self.module)
+                delta = delta.reshape(weight.shape).mul_(strength)  # a fresh buffer: scaled in place
                 weight += function(delta.to(weight.dtype))
         except (ValueError, RuntimeError) as err:
             log.error("%s: %s not patched: %s", self.name, key, err)
@@ -135,6 +163,16 @@ class _TensorGroupAdapter(WeightAdapterBase):
         """Only the residual alone is additive (``m·s·x·Δᵀ``); a transform or SODA's rotation
         acts inside the frozen layer, so ComfyUI's bypass hook calls :meth:`bypass_forward`."""
         raise NotImplementedError(f"{self.name} adapters act inside the layer: use bypass_forward")
+
+
+def _file_merge(first: torch.Tensor) -> GroupedMerge:
+    """The GroupedMerge of the file being loaded (whose first tensor is ``first``)."""
+    global _loading
+    if _loading is not None and _loading[0]() is first and (merge := _loading[1]()) is not None:
+        return merge
+    merge = GroupedMerge()
+    _loading = (weakref.ref(first), weakref.ref(merge))
+    return merge
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -263,6 +263,20 @@ def test_stock_lora_loader_gives_the_same_weights(setup, method):
         assert not torch.equal(ours[key], setup.base[key]), f"{method} {key}"
 
 
+@pytest.mark.parametrize("method", ["tlora", "residual"])  # "lora" files are ComfyUI's own LoRA format
+def test_same_shaped_layers_merge_from_one_batched_build(setup, method):
+    """Loading a TLoRA-family file builds the factors of each group of same-shaped layers once
+    (tlora.batched_merge), not once per layer; the weights are the core's (test above)."""
+    (model, _) = apply(setup.model, method)
+    loaded_state(model, [])
+    merges = {id(patch[1].merge): patch[1].merge for key in setup.keys for patch in model.patches[key]}
+    assert len(merges) == 1, "one file, one GroupedMerge"
+    (merge,) = merges.values()
+    shapes = {tuple(setup.base[key].shape[:2]) for key in setup.keys}
+    assert 1 <= merge.batched_builds <= len(shapes) < len(setup.keys), (merge.batched_builds, len(shapes))
+    assert len(merge.builders) == len(setup.keys)
+
+
 def lora_delta(setup, key: str) -> torch.Tensor:
     module = key.removesuffix(".weight")
     up, down = setup.lora[f"{module}.lora_up.weight"], setup.lora[f"{module}.lora_down.weight"]
