@@ -26,7 +26,7 @@ def file_of(config, shapes=SHAPES):
     """``name → (adapter, weight)`` and a GroupedMerge holding them, as one file's layers."""
     gen = torch.Generator().manual_seed(0)
     layers = {f"layer{i}": (trained(s, config, i), torch.randn(s, generator=gen)) for i, s in enumerate(shapes)}
-    merge = GroupedMerge()
+    merge = GroupedMerge(devices=("cpu",))  # CUDA alone by default
     for name, (adapter, _) in layers.items():
         signature = tuple((k, tuple(p.shape)) for k, p in adapter.named_parameters())
 
@@ -78,10 +78,17 @@ def test_factors_built_ahead_stay_within_the_budget():
     assert merge.batched_builds == 4  # chunks of 3 layers
 
 
-def test_a_conv_or_an_unknown_layer_is_left_to_its_own_path():
-    _, merge = file_of(CONFIGS["TLoRA(2,6)"])
+def test_a_conv_an_unknown_layer_or_another_device_is_left_to_its_own_path():
+    layers, merge = file_of(CONFIGS["TLoRA(2,6)"])
     assert merge.delta("layer0", torch.randn(40, 40, 1, 1)) is None
     assert merge.delta("not in the file", torch.randn(40, 40)) is None
+    merge.devices = ("cuda",)
+    assert merge.delta("layer0", layers["layer0"][1]) is None
+    assert merge.batched_builds == 0
+
+
+def test_by_default_only_cuda_merges_are_batched():
+    assert GroupedMerge().devices == ("cuda",)
 
 
 def test_fewer_ops_per_layer_than_merging_each_layer_alone():

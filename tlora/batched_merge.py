@@ -8,6 +8,10 @@ same-shaped layers in one batched pass (:func:`tlora.batched.build_group`) when 
 is merged, and hands each layer its factors when the host merges it: one build per chunk of a
 group, two matmuls per layer.
 
+This is for devices where launches cost (``GroupedMerge.devices``: CUDA by default). On a CPU an
+op costs no launch, and each layer's own merge is faster there (its ``trm.materialize`` beats the
+batched chains, built for training's backward: 2-4× on 320-640-wide layers).
+
 The host merges layers one at a time in its own order (and may merge some again, or never), so
 the factors built ahead are a cache of at most ``budget`` bytes: taken by the layer they belong
 to, the least recently built dropped first when over budget. A layer the batched pass does not
@@ -52,8 +56,9 @@ class GroupedMerge:
     """The members (layers) of one adapter file, each added with a ``signature`` (equal for
     layers whose factors can stack: their file tensors' shapes) and a :data:`Builder`."""
 
-    def __init__(self, budget: int = BUDGET_BYTES):
+    def __init__(self, budget: int = BUDGET_BYTES, devices: tuple[str, ...] = ("cuda",)):
         self.budget = budget
+        self.devices = devices  # device types whose merges go through the batched build
         self.builders: dict[Hashable, tuple[Hashable, Builder]] = {}
         self.by_signature: dict[Hashable, list[Hashable]] = defaultdict(list)
         self.ahead: OrderedDict[Hashable, Factors] = OrderedDict()  # built for layers not merged yet
@@ -72,7 +77,7 @@ class GroupedMerge:
         batched pass does not take it (the caller merges it on its own path)."""
         factors = self.ahead.pop(member, None)
         if factors is None:
-            if weight.dim() != 2 or member not in self.builders:
+            if weight.dim() != 2 or member not in self.builders or weight.device.type not in self.devices:
                 return None
             factors = self._build_ahead(member, tuple(weight.shape), weight.device)
             if factors is None:

@@ -265,16 +265,28 @@ def test_stock_lora_loader_gives_the_same_weights(setup, method):
 
 @pytest.mark.parametrize("method", ["tlora", "residual"])  # "lora" files are ComfyUI's own LoRA format
 def test_same_shaped_layers_merge_from_one_batched_build(setup, method):
-    """Loading a TLoRA-family file builds the factors of each group of same-shaped layers once
-    (tlora.batched_merge), not once per layer; the weights are the core's (test above)."""
+    """A TLoRA-family file's layers share one GroupedMerge (tlora.batched_merge). On CUDA (its
+    default) each group of same-shaped layers' factors is built once, not once per layer; made
+    to run on this CPU it gives the core's weights; on the CPU by default it stays off."""
     (model, _) = apply(setup.model, method)
     loaded_state(model, [])
     merges = {id(patch[1].merge): patch[1].merge for key in setup.keys for patch in model.patches[key]}
     assert len(merges) == 1, "one file, one GroupedMerge"
     (merge,) = merges.values()
+    assert len(merge.builders) == len(setup.keys)
+    assert merge.batched_builds == 0, "off on the CPU by default"
+
+    (model, _) = apply(setup.model, method)
+    (merge,) = {id(patch[1].merge): patch[1].merge for key in setup.keys for patch in model.patches[key]}.values()
+    merge.devices = ("cpu",)
+    try:
+        state = loaded_state(model, setup.keys)
+    finally:
+        merge.devices = ("cuda",)
+    for key in setup.keys:
+        assert_weights(state[key], merged(setup, method, key), key)
     shapes = {tuple(setup.base[key].shape[:2]) for key in setup.keys}
     assert 1 <= merge.batched_builds <= len(shapes) < len(setup.keys), (merge.batched_builds, len(shapes))
-    assert len(merge.builders) == len(setup.keys)
 
 
 def lora_delta(setup, key: str) -> torch.Tensor:
