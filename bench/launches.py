@@ -1,7 +1,7 @@
 """ATen ops dispatched per training step (forward, backward, clipping, optimizer) for every
 method, side by side with LoRA r=4.
 
-    python bench/launches.py [--sets tiny sdxl flux] [--time STEPS --threads 1]
+    python bench/launches.py [--sets tiny sdxl flux] [--time STEPS --threads 1 [--compile]]
 
 On a GPU every dispatched op costs a kernel launch (or at least its CPU-side dispatch), and a
 step of small adapter ops is bound by those, not by arithmetic (bench/RESULTS.md, "On a GPU").
@@ -9,7 +9,8 @@ The count is deterministic and needs no GPU: a ``TorchDispatchMode`` counts ever
 reaches the dispatcher during one ``Trainer.train_step``, after a warm-up step (so the
 optimizer state exists). Each method runs on its own path (``plain``) and with the factors of
 same-shaped layers built per group (``batched``: :func:`tlora.batched.prepared`, the default on
-CUDA).
+CUDA). With ``--time``, ``--compile`` also times the batched path with its factor build through
+``torch.compile`` (``compiled``; its ops are not counted: a compiled kernel is no ATen op).
 
 Layer sets:
 
@@ -260,12 +261,13 @@ def meta_kernels_as_on_cpu() -> Iterator[None]:
 @contextlib.contextmanager
 def training(layer_set: LayerSet, method: str, mode: str) -> Iterator[Callable[[], float]]:
     """``method``'s adapters attached to ``layer_set`` and a trainer; yields its ``train_step``
-    on the layer set's loss (``mode``: each layer's own path, or batched factors)."""
+    on the layer set's loss (``mode``: each layer's own path, batched factors, or batched
+    factors built through ``torch.compile``)."""
     meta = meta_kernels_as_on_cpu() if layer_set.device.type == "meta" else contextlib.nullcontext()
     adapters = adapters_for(layer_set, method)
 
     def micro_loss(step: int, micro: int) -> Tensor:
-        with prepared(adapters.values()) if mode == "batched" else contextlib.nullcontext():
+        with prepared(adapters.values(), compile=mode == "compiled") if mode != "plain" else contextlib.nullcontext():
             return layer_set.loss()
 
     with attached(layer_set.modules(), adapters), meta:
@@ -286,8 +288,9 @@ def count_step(layer_set: LayerSet, method: str, mode: str) -> OpCounter:
 
 def step_time(layer_set: LayerSet, method: str, mode: str, steps: int) -> float:
     """Median CPU time (s) of this process over ``steps`` training steps, after two warm-up
-    steps: unlike wall time, not inflated by other jobs on a shared machine (run one thread,
-    ``--threads 1``, so that no thread spins waiting for another)."""
+    steps (the first compiles, in mode ``compiled``): unlike wall time, not inflated by other
+    jobs on a shared machine (run one thread, ``--threads 1``, so that no thread spins waiting
+    for another)."""
     with training(layer_set, method, mode) as train_step:
         train_step()
         train_step()
@@ -321,7 +324,10 @@ def report(
     if times:
         lines[0] += "; CPU time per step (median)"
     width = 34 if times else 24
-    lines.append(f"  {'method':<16}" + "".join(f"{mode:>{width}}" for mode in MODES))
+    compiled = bool(times) and any(mode == "compiled" for _, mode in times)
+    lines.append(
+        f"  {'method':<16}" + "".join(f"{mode:>{width}}" for mode in MODES) + (f"{'compiled':>11}" if compiled else "")
+    )
     methods = dict.fromkeys(method for method, _ in counts)
     for method in methods:
         cells = []
@@ -331,7 +337,8 @@ def report(
             if times:
                 cell += f" {times[(method, mode)] * 1e3:7.1f}ms"
             cells.append(cell)
-        lines.append(f"  {method:<16}" + "".join(f"{c:>{width}}" for c in cells))
+        compiled_cell = f"{times[(method, 'compiled')] * 1e3:9.1f}ms" if compiled else ""
+        lines.append(f"  {method:<16}" + "".join(f"{c:>{width}}" for c in cells) + compiled_cell)
     for method, limit in TARGETS.items():
         if (method, "batched") in counts:
             ratio = counts[(method, "batched")] / lora
@@ -346,6 +353,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--time", type=int, default=0, metavar="STEPS", help="also time STEPS steps (tiny set, CPU)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="with --time: also time the batched build compiled")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -357,7 +365,8 @@ def main() -> int:
         layer_set = SETS[set_name]()
         times = None
         if args.time and layer_set.device.type != "meta":
-            times = {key: step_time(layer_set, *key, args.time) for key in counts}
+            modes = [*MODES, "compiled"] if args.compile else MODES
+            times = {(m, mode): step_time(layer_set, m, mode, args.time) for m in methods for mode in modes}
         lines = report(set_name, counts, len(layer_set.modules()), times)
         missed |= any(line.endswith("MISSED") for line in lines)
         print("\n".join(lines) + "\n", flush=True)

@@ -115,7 +115,7 @@ class TrainingLoop:
         sampling = model_wrap.inner_model.model_sampling
         sizes = [len(b) for b in buckets]
         count, device, dtype = sum(sizes), buckets[0].device, cfg.torch_dtype
-        batched = device.type == "cuda" if cfg.batched_factors is None else cfg.batched_factors
+        batched, compile = cfg.batched_on(device), cfg.compile_adapters
         world = World.current()  # data parallel: all ranks draw the whole micro-batch, each trains its shard
 
         def loss(step: int, micro: int) -> torch.Tensor:
@@ -135,7 +135,7 @@ class TrainingLoop:
                 autocast = dtype != torch.float32
                 with (
                     torch.autocast(device.type, dtype=dtype, enabled=autocast),
-                    prepared(adapters, dtype if autocast else None) if batched else contextlib.nullcontext(),
+                    prepared(adapters, dtype if autocast else None, compile) if batched else contextlib.nullcontext(),
                 ):
                     model_wrap.conds["positive"] = conditioner(idx, x0)
                     denoised = model_wrap(xt, sigma, **extra)

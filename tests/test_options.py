@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tlora.options import TrainingOptions, add_arguments, cli_flag, from_arguments
 
@@ -30,6 +31,7 @@ REPO = Path(__file__).parents[1]
         (dict(output_name="  "), "output_name is empty"),
         (dict(output_name="tlora/"), "names a folder"),
         (dict(output_name="x" * 190), "file name is 202 bytes long: at most 200"),
+        (dict(compile_adapters=True, batched_factors=False), "cannot go with batched_factors=False"),
     ],
 )
 def test_bad_settings_are_named(bad, match):
@@ -44,6 +46,14 @@ def test_several_problems_are_reported_together():
 
 def test_free_targets_are_split():
     assert TrainingOptions(targets="attention, proj").target_groups == ("attention", "proj")
+
+
+def test_batched_pass_on_cuda_or_when_compiled_unless_set():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not TrainingOptions().batched_on(cpu) and TrainingOptions().batched_on(cuda)
+    assert TrainingOptions(compile_adapters=True).batched_on(cpu)
+    assert not TrainingOptions(batched_factors=False).batched_on(cuda)
+    assert TrainingOptions(batched_factors=True).batched_on(cpu)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,6 +97,7 @@ def test_every_option_reaches_the_command_line():
         "resume_adapter_only": True,
         "bypass_mode": True,
         "max_weight_memory": 2.5,
+        "compile_adapters": True,
     }
     on_cli = [f for f in dataclasses.fields(TrainingOptions) if f.metadata["cli"] != ""]
     assert sorted(changed) == sorted(f.name for f in on_cli)  # a new option must be added here too

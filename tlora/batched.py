@@ -19,15 +19,21 @@ transpose per layer).
 :data:`tlora.cost.MAX_DENSE_ELEMENTS` keep their own path. Under autocast the factors are built
 in fp32 and kept in the autocast dtype: small entries keep their relative precision, where a
 half-precision ``T`` would round ``1 + ε`` on its diagonal back to 1.
+
+A group's build is a pure function of its stacked leaves (``_tlora_factors``,
+``_soda_factors``), which ``prepared(..., compile=True)`` runs through ``torch.compile``: its
+tens of small ops per group, forward and backward, fused into a few kernels (the leaves and
+their gradients' hand-out stay outside the compiled graph).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -39,6 +45,7 @@ from .adapters.tlora import TLoRA
 from .stiefel import cayley
 
 Factors = tuple[Tensor | None, ...]
+log = logging.getLogger("comfyui-tlora")
 
 
 def group_key(adapter: Adapter) -> tuple:
@@ -130,35 +137,47 @@ def _transform_excess_t(cores: list[Tensor]) -> Tensor:
     return _minus_identity(dense, tuple(sizes), (*cols, 1, *rows, 0))  # (j_1 … j_D, i_1 … i_D)
 
 
-def _residual_chains(members: list[TLoRA]) -> tuple[Tensor, Tensor]:
-    """The TR residual's chains ``P`` (out-cores) and ``Q`` (in-cores) as :func:`_ring_chain`
-    gives them, in one batched chain when both sides' cores have equal shapes (square layers)."""
-    depth = len(members[0].residual_out)
-    if members[0].out_factors != members[0].in_factors:
-        sides = ("residual_out", "residual_in")
-        return tuple(_ring_chain([_stacked(members, f"{side}.{d}") for d in range(depth)]) for side in sides)
-    both = [
-        gathered([*(m.residual_out[d] for m in members), *(m.residual_in[d] for m in members)]) for d in range(depth)
-    ]
-    return _ring_chain(both).chunk(2)
-
-
-def _tlora_factors(members: list[TLoRA]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(Tᵀ − I [G, in, in] | None, downᵀ [G, in, r] | None, (s·up)ᵀ [G, r, out] | None)``."""
+def _tlora_leaves(members: list[TLoRA]) -> tuple[list[Tensor], list[Tensor], list[Tensor], bool]:
+    """A TLoRA group's stacked leaves (:func:`gathered`): the transform cores ``[G, I_d, I_d,
+    R, R]``; the residual's out-cores then in-cores ``[G, …]``, or for square layers (equal
+    factors on both sides) each depth's out- and in-cores in one ``[2G, …]``; ``[up, down]``
+    of a plain LoRA (else empty); whether the layers are square."""
     first = members[0]
+    transform = [_stacked(members, f"transform.{d}") for d in range(len(first.transform))]
+    depth, square = len(first.residual_out), first.out_factors == first.in_factors
+    if square:
+        residual = [
+            gathered([*(m.residual_out[d] for m in members), *(m.residual_in[d] for m in members)])
+            for d in range(depth)
+        ]
+    else:
+        residual = [_stacked(members, f"{side}.{d}") for side in ("residual_out", "residual_in") for d in range(depth)]
+    lora = [_stacked(members, name) for name in ("lora_up", "lora_down")] if first.lora_up is not None else []
+    return transform, residual, lora, square
+
+
+def _tlora_factors(
+    transform: list[Tensor], residual: list[Tensor], lora: list[Tensor], square: bool, scale: float
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(Tᵀ − I [G, in, in] | None, downᵀ [G, in, r] | None, (s·up)ᵀ [G, r, out] | None)``
+    from :func:`_tlora_leaves`. The residual's chains ``P`` (out-cores) and ``Q`` (in-cores),
+    as :func:`_ring_chain` gives them, come from one batched chain for square layers."""
     excess_t = down_t = up_t = None
-    if len(first.transform):
-        excess_t = _transform_excess_t([_stacked(members, f"transform.{d}") for d in range(len(first.transform))])
-    if len(first.residual_out):
-        p, q = _residual_chains(members)
+    if transform:
+        excess_t = _transform_excess_t(transform)
+    if residual:
+        if square:
+            p, q = _ring_chain(residual).chunk(2)
+        else:
+            half = len(residual) // 2
+            p, q = _ring_chain(residual[:half]), _ring_chain(residual[half:])
         g, _, r, _, _ = p.shape
         up_t = p.permute(0, 2, 4, 1, 3).reshape(g, r * r, -1)  # up[o, (a b)] = P[o][a, b]
         down_t = q.permute(0, 1, 3, 4, 2).reshape(g, -1, r * r)  # down[(a b), i] = Q[i][b, a]
-    elif first.lora_up is not None:
-        up_t = _stacked(members, "lora_up").mT
-        down_t = _stacked(members, "lora_down").mT
-    if up_t is not None and first.scale != 1:
-        up_t = up_t * first.scale
+    elif lora:
+        up_t, down_t = lora[0].mT, lora[1].mT
+    if up_t is not None and scale != 1:
+        up_t = up_t * scale
     return excess_t, down_t, up_t
 
 
@@ -172,17 +191,24 @@ def _kron(factors: list[Tensor]) -> Tensor:
     return acc
 
 
-def _soda_factors(members: list[SODA]) -> tuple[Tensor | None, Tensor]:
-    """``(O − I [G, in, in] | None, ReLU(σ + δ) [G, r])``."""
+def _soda_leaves(members: list[SODA]) -> tuple[Tensor, Tensor, list[Tensor], bool]:
+    """A SODA group's ``σ`` ``[G, r]`` (frozen), stacked leaves ``δ`` ``[G, r]`` and rotation
+    factors ``Q_d`` or Cayley generators ``[G, k_d, k_d]`` (empty for SVDiff), and whether they
+    are generators."""
     first = members[0]
-    spectrum = torch.relu(torch.stack([m.sigma for m in members]) + _stacked(members, "delta"))
-    if not first.factors:
+    kind = "cayley" if first.config.rotation == "cayley" else "rotation"
+    rotations = [_stacked(members, f"{kind}.{d}") for d in range(len(first.factors))]
+    return torch.stack([m.sigma for m in members]), _stacked(members, "delta"), rotations, kind == "cayley"
+
+
+def _soda_factors(
+    sigma: Tensor, delta: Tensor, rotations: list[Tensor], generators: bool
+) -> tuple[Tensor | None, Tensor]:
+    """``(O − I [G, in, in] | None, ReLU(σ + δ) [G, r])`` from :func:`_soda_leaves`."""
+    spectrum = torch.relu(sigma + delta)
+    if not rotations:
         return None, spectrum
-    if first.config.rotation == "cayley":
-        rotations = [cayley(_stacked(members, f"cayley.{d}")) for d in range(len(first.factors))]
-    else:
-        rotations = [_stacked(members, f"rotation.{d}") for d in range(len(first.factors))]
-    dense = _kron(rotations)  # O: u = x·O (see SODA.forward)
+    dense = _kron([cayley(a) for a in rotations] if generators else rotations)  # O: u = x·O (see SODA.forward)
     return dense - torch.eye(dense.shape[-1], device=dense.device, dtype=dense.dtype), spectrum
 
 
@@ -191,27 +217,56 @@ def _autocast_off(device: torch.device):
     return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
 
 
-def build_group(members: list[Adapter], dtype: torch.dtype | None) -> list[Factors]:
+_compiled: dict[Callable, Callable] = {}  # torch.compile(fn, dynamic=False) per build function
+_compile_failed = False
+
+
+def _build(fn: Callable[..., Factors], args: tuple, compile: bool) -> Factors:
+    """``fn(*args)``, through ``torch.compile`` when ``compile``: one compiled callable per
+    build function (recompiled, within dynamo's limit, per shape and config it meets). If a
+    compiled call fails (no C++ compiler, no triton…), one warning is logged and every build
+    runs eagerly from then on; an error that eager also raises propagates."""
+    global _compile_failed
+    if not compile or _compile_failed:
+        return fn(*args)
+    try:
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=False)
+        return _compiled[fn](*args)
+    except Exception as error:  # any compiler failure: training goes on eagerly
+        _compile_failed = True
+        log.warning("torch.compile of the adapters' factor build failed; building them eagerly: %s", error)
+        return fn(*args)
+
+
+def build_group(members: list[Adapter], dtype: torch.dtype | None, compile: bool = False) -> list[Factors]:
     """Each member's prepared factors (see :meth:`TLoRA._prepared_forward`,
-    :meth:`SODA._prepared_forward`), built in fp32 and kept in ``dtype`` (fp32 when None)."""
-    with _autocast_off(members[0]._device()):
-        factors = _tlora_factors(members) if isinstance(members[0], TLoRA) else _soda_factors(members)
+    :meth:`SODA._prepared_forward`), built in fp32 (through ``torch.compile`` when ``compile``)
+    and kept in ``dtype`` (fp32 when None)."""
+    first = members[0]
+    if isinstance(first, TLoRA):
+        fn, args = _tlora_factors, (*_tlora_leaves(members), first.scale)
+    else:
+        fn, args = _soda_factors, _soda_leaves(members)
+    with _autocast_off(first._device()):
+        factors = _build(fn, args, compile)
     columns = [[None] * len(members) if f is None else (f if dtype is None else f.to(dtype)).unbind(0) for f in factors]
     return list(zip(*columns, strict=True))
 
 
 @contextlib.contextmanager
-def prepared(adapters: Iterable[Adapter], dtype: torch.dtype | None = None) -> Iterator[None]:
+def prepared(adapters: Iterable[Adapter], dtype: torch.dtype | None = None, compile: bool = False) -> Iterator[None]:
     """Within the block, preparable adapters (:func:`preparable`) run on factors built per group
-    of same-shaped layers; ``dtype``: the autocast dtype, if any. Build inside the autograd
-    graph of the forward that uses them (once per forward)."""
+    of same-shaped layers; ``dtype``: the autocast dtype, if any; ``compile``: build them
+    through ``torch.compile`` (:func:`_build`). Build inside the autograd graph of the forward
+    that uses them (once per forward)."""
     groups: dict[tuple, list[Adapter]] = defaultdict(list)
     for adapter in adapters:
         if preparable(adapter):
             groups[group_key(adapter)].append(adapter)
     try:
         for members in groups.values():
-            for member, factors in zip(members, build_group(members, dtype), strict=True):
+            for member, factors in zip(members, build_group(members, dtype, compile), strict=True):
                 member.prepared = factors
         yield
     finally:

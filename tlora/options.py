@@ -109,6 +109,12 @@ class TrainingOptions:
         max=4096.0,
         step=0.5,
     )
+    compile_adapters: bool = option(
+        False,
+        "Build the batched factors through torch.compile: fewer GPU kernel launches per step, after a first "
+        "step that waits for the compiler (falls back to eager if it fails). Turns the batched pass on.",
+        node=False,
+    )
 
     def __post_init__(self):
         problems = []
@@ -123,6 +129,8 @@ class TrainingOptions:
                     problems.append(f"{f.name} must be at least {meta['min']}, got {value}")
                 elif meta["max"] is not None and value > meta["max"]:
                     problems.append(f"{f.name} must be at most {meta['max']}, got {value}")
+        if self.compile_adapters and self.batched_factors is False:
+            problems.append("compile_adapters compiles the batched pass: it cannot go with batched_factors=False")
         if not self.target_groups:
             problems.append("targets names no layer group: give at least one, e.g. 'attention'")
         problems += filter(None, [output_name_problem(self.output_name)])
@@ -132,6 +140,13 @@ class TrainingOptions:
     @property
     def target_groups(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+    def batched_on(self, device: torch.device) -> bool:
+        """Whether forwards build factors per group (:func:`tlora.batched.prepared`): as
+        ``batched_factors`` says, else on CUDA or when ``compile_adapters``."""
+        if self.batched_factors is not None:
+            return self.batched_factors
+        return device.type == "cuda" or self.compile_adapters
 
     @property
     def torch_dtype(self) -> torch.dtype:
