@@ -68,8 +68,10 @@ METHODS: dict[str, Callable[[tuple[int, int]], Adapter]] = {
     "SVDiff": lambda shape: SODA(shape, soda_preset("svdiff")),
 }
 REFERENCE = "LoRA r=4"
-# Issue #16's targets: ops per step of the batched path ≤ limit × LoRA r=4's (its cheaper path).
+# Issue #16's targets: ops per step of the batched path ≤ limit × LoRA r=4's (its cheaper path),
+# on these sets (Flux's is reported alone: its 15360-wide linear2 keeps its own path).
 TARGETS = {"TLoRA(2,6)": 1.5, "SODA": 1.5}
+TARGET_SETS = ("tiny", "sdxl")
 MODES = ("plain", "batched")
 
 
@@ -340,7 +342,7 @@ def report(
         compiled_cell = f"{times[(method, 'compiled')] * 1e3:9.1f}ms" if compiled else ""
         lines.append(f"  {method:<16}" + "".join(f"{c:>{width}}" for c in cells) + compiled_cell)
     for method, limit in TARGETS.items():
-        if (method, "batched") in counts:
+        if (method, "batched") in counts and set_name in TARGET_SETS:
             ratio = counts[(method, "batched")] / lora
             verdict = "OK" if ratio <= limit else "MISSED"
             lines.append(f"  target: {method} batched ≤ {limit}× {REFERENCE}: {ratio:.2f}× {verdict}")
