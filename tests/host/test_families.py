@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import importlib
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -181,6 +182,7 @@ def test_init_places_every_tensor(comfy):
 
 METHODS = ("tlora", "tlora_star", "transform", "residual", "lora", "soda", "svdiff")
 BIG = 50_000_000  # parameters above which a family trains one method on two layers (Qwen-Image, Z-Image, …)
+SVD_WIDTH = 3072  # SODA on wider layers (Z-Image's 3840) runs with TLORA_SLOW_TESTS=1 only
 
 
 def pack(name: str):
@@ -270,6 +272,86 @@ def test_trains_applies_bypasses_and_exports(loaded, family, big, comfy, method)
     assert info["base_model"] == family.config_class and info["method"] == method
     report = pack("nodes.export").export_for_model(
         model, name, 4096, "lora", f"families/{family.key}_{method}_lora", True
+    )
+    assert report.max_error < 1e-4  # full rank: exact
+
+
+def nudged(adapter, seed: int):
+    """``adapter`` moved off its identity init (SODA's rotations kept orthogonal), frozen."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            noise = 0.05 * torch.randn(p.shape, generator=gen)
+            p.copy_(p @ torch.linalg.matrix_exp(noise - noise.T) if name.startswith("rotation.") else p + noise)
+    return adapter.requires_grad_(False)
+
+
+def loaded_weights(patcher, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named layers' weights (fp32 copies) once ComfyUI loads ``patcher`` (its patches applied)."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher], force_full_load=True)
+    net = patcher.model.diffusion_model
+    return {n: net.get_submodule(n).weight.detach().float().clone() for n in names}
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_every_method_on_a_big_family_applies_three_ways_and_exports(loaded, family, big, comfy, method):
+    """Where a family is too big to train every method here (TLoRA trains above), each other
+    method's file for two of the family's own attention layers applies through Apply TLoRA, the
+    stock loader and the bypass loader as its merged weight W', and exports exactly."""
+    from comfy import sd
+
+    if not big:
+        pytest.skip(f"{family.title} trains every method in test_trains_applies_bypasses_and_exports")
+    model = loaded.model
+    architecture = pack("nodes.apply").architecture_names(model)
+    layers = pack("tlora.model").select_modules(model.model.diffusion_model, ["attention"], architecture=architecture)
+    names = [min(sorted(layers), key=lambda n: layers[n].weight.numel())]  # the smallest: SODA's SVDs cost
+    width = min(layers[names[0]].weight.shape)
+    if method in ("soda", "svdiff") and width > SVD_WIDTH and not os.environ.get("TLORA_SLOW_TESTS"):
+        pytest.skip(
+            f"{method} on {family.title}: an fp64 SVD of its {width}-wide layer takes minutes on a CPU thread, "
+            "taken on each of the five loads here (set TLORA_SLOW_TESTS=1 to run it)"
+        )
+    base = loaded_weights(model, names)
+    adapters = pack("tlora.model").make_adapters({n: layers[n] for n in names}, method, seed=3, residual_rank=4)
+    adapters = {n: nudged(a, 10 + i) for i, (n, a) in enumerate(adapters.items())}
+    expected = {n: adapters[n].merged_weight(base[n]) for n in names}
+    name = f"families/{family.key}_{method}_layers.safetensors"
+    meta = {"tlora.method": method, "tlora.base_model": family.config_class}
+    file = {f"diffusion_model.{n}": a for n, a in adapters.items()}
+    pack("tlora.format").save_adapters(comfy.dirs.loras / name, file, meta, overwrite=True)
+
+    tensors = pack("tlora.format").load_adapter_file(comfy.dirs.loras / name).tensors
+    merged = {
+        "node": pack("nodes.apply").ApplyTLoRA.execute(model, name, 1.0, 0.0).args[0],
+        "stock": sd.load_lora_for_models(model, None, tensors, 1.0, 0.0)[0],
+    }
+    for how, patched in merged.items():
+        weights = loaded_weights(patched, names)
+        for n in names:
+            assert (expected[n] - base[n]).abs().max() > 1e-3, f"{method} {n}: an identity adapter"
+            assert relative_error(weights[n] - base[n], expected[n] - base[n]) < 1e-3, f"{how} {n}"
+    if hasattr(sd, "load_bypass_lora_for_models"):
+        import comfy.model_management as mm
+
+        bypassed = sd.load_bypass_lora_for_models(model, None, tensors, 1.0, 0.0)[0]
+        mm.load_models_gpu([bypassed], force_full_load=True)
+        net = bypassed.model.diffusion_model
+        gen = torch.Generator().manual_seed(1)
+        for n in names:
+            module = net.get_submodule(n)
+            x = torch.randn(3, base[n].shape[1], generator=gen).to(module.weight.dtype)
+            with torch.no_grad():
+                got = module(x).float()
+                bias = None if module.bias is None else module.bias.float()
+                want = torch.nn.functional.linear(x.float(), expected[n], bias)
+                unchanged = torch.nn.functional.linear(x.float(), base[n], bias)
+            assert relative_error(got - unchanged, want - unchanged) < 1e-3, f"bypass {n}"
+
+    report = pack("nodes.export").export_for_model(
+        model, name, 4096, "lora", f"families/{family.key}_{method}_layers_lora", True
     )
     assert report.max_error < 1e-4  # full rank: exact
 
