@@ -12,7 +12,7 @@ around the frozen one without merging (quantized base weights).
 TLoRA-family layers loaded from one file share a :class:`~tlora.batched_merge.GroupedMerge`: the
 first merge of a group of same-shaped layers builds the factors of the next ones in one batched
 pass. ComfyUI hands every ``load`` of one file the same dict: layers loaded one after another
-with the same first tensor share one (held by the layers only: no file outlives its model here).
+from the same dict share one (held by the layers only: no file outlives its model here).
 
 A module whose group fails the core's checks (``tlora.validate``: keys, shapes, ranks against the
 layer, finite values) is refused with that message in the log and left unpatched, at each of the
@@ -34,7 +34,7 @@ from ..tlora.format import build_adapter, finite_delta
 from ..tlora.validate import AdapterFileError, check_finite, check_group
 
 log = logging.getLogger("comfyui-tlora")
-_loading: tuple[weakref.ref, weakref.ref] | None = None  # (the file's first tensor, its GroupedMerge)
+_loading: tuple[int, weakref.ref, weakref.ref] | None = None  # the file dict's id, its first tensor, its GroupedMerge
 
 
 class _TensorGroupAdapter(WeightAdapterBase):
@@ -77,21 +77,19 @@ class _TensorGroupAdapter(WeightAdapterBase):
             loaded_keys.update(keys)
         adapter = cls(keys, tuple(_to_host(t) for t in group.values()))
         if cls.adapter_class is TLoRA:
-            adapter.join(_file_merge(next(iter(lora.values()))), group)
+            adapter.join(_file_merge(lora), group)
         return adapter
 
     def join(self, merge: GroupedMerge, group: dict[str, torch.Tensor]) -> None:
         """Merge with the file's same-shaped layers (the merge holds this layer weakly)."""
         method = weakref.WeakMethod(self.adapter_for)
 
-        def build(shape, device) -> Adapter:
+        def build(shape, device) -> Adapter | None:
             adapter_for = method()
-            if adapter_for is None:
-                raise ValueError("this layer's adapter is gone")
-            return adapter_for(shape, device)
+            return None if adapter_for is None else adapter_for(shape, device)
 
         self.merge = merge
-        merge.add(self.module, tuple((suffix, tuple(t.shape)) for suffix, t in group.items()), build)
+        merge.add(id(self), tuple((suffix, tuple(t.shape)) for suffix, t in group.items()), build)
 
     def adapter_for(self, shape: tuple[int, ...], device: torch.device) -> Adapter:
         key = (tuple(shape), device)
@@ -117,7 +115,7 @@ class _TensorGroupAdapter(WeightAdapterBase):
             return weight
         try:
             with torch.no_grad():
-                delta = self.merge.delta(self.module, weight) if self.merge is not None else None
+                delta = self.merge.delta(id(self), weight) if self.merge is not None else None
                 if delta is None or not bool(torch.isfinite(delta).all()):  # its own path (which explains why)
                     adapter = self.adapter_for(weight.shape, weight.device)
                     self.prepare(adapter, weight)
@@ -165,13 +163,17 @@ class _TensorGroupAdapter(WeightAdapterBase):
         raise NotImplementedError(f"{self.name} adapters act inside the layer: use bypass_forward")
 
 
-def _file_merge(first: torch.Tensor) -> GroupedMerge:
-    """The GroupedMerge of the file being loaded (whose first tensor is ``first``)."""
+def _file_merge(lora: dict) -> GroupedMerge:
+    """The GroupedMerge of the file being loaded: the same dict (alive, with the same first
+    tensor) as the last ``load``'s, else a new one. Files that share tensors stay apart."""
     global _loading
-    if _loading is not None and _loading[0]() is first and (merge := _loading[1]()) is not None:
-        return merge
+    first = next(iter(lora.values()))
+    if _loading is not None and _loading[0] == id(lora) and _loading[1]() is first:
+        merge = _loading[2]()
+        if merge is not None:
+            return merge
     merge = GroupedMerge()
-    _loading = (weakref.ref(first), weakref.ref(merge))
+    _loading = (id(lora), weakref.ref(first), weakref.ref(merge))
     return merge
 
 

@@ -106,3 +106,19 @@ def test_fewer_ops_per_layer_than_merging_each_layer_alone():
                 merge.delta(name, weight)
     per_layer_alone, per_layer_grouped = alone.total / 16, grouped.total / 16
     assert per_layer_grouped * 4 <= per_layer_alone, (per_layer_alone, per_layer_grouped)
+
+
+def test_a_member_added_again_is_replaced_and_a_gone_one_leaves():
+    layers, merge = file_of(CONFIGS["TLoRA(2,6)"], [(40, 40)] * 3)
+    adapter, weight = layers["layer1"]
+    merge.add("layer1", "another signature", lambda shape, device: adapter)  # the same name, edited file
+    merge.add("layer2", merge.builders["layer2"][0], lambda shape, device: None)  # its adapter is gone
+    torch.testing.assert_close(
+        merge.delta("layer0", layers["layer0"][1]),
+        layers["layer0"][0].delta_weight(layers["layer0"][1]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    assert "layer2" not in merge.builders and not merge.ahead  # layer1 is in another group now
+    torch.testing.assert_close(merge.delta("layer1", weight), adapter.delta_weight(weight), rtol=1e-4, atol=1e-5)
+    assert merge.batched_builds == 2

@@ -33,7 +33,8 @@ from .batched import Factors, build_group, group_key, preparable
 
 BUDGET_BYTES = 128 * 2**20  # factors built ahead of their layers' merges, at most (per file)
 
-Builder = Callable[[tuple[int, int], torch.device], Adapter]  # a member's adapter for a 2-D weight shape
+# A member's adapter for a 2-D weight shape; None once the member is gone (it leaves the merge).
+Builder = Callable[[tuple[int, int], torch.device], Adapter | None]
 
 
 def factor_bytes(factors: Factors) -> int:
@@ -65,11 +66,11 @@ class GroupedMerge:
         self.batched_builds = 0  # batched passes run (a diagnostic)
 
     def add(self, member: Hashable, signature: Hashable, build: Builder) -> None:
-        """Add a layer, or give a member added before its new builder (the file loaded again)."""
-        if member not in self.builders:
-            self.by_signature[signature].append(member)
-        elif self.builders[member][0] != signature:
-            raise ValueError(f"{member!r} is already a member with other tensor shapes")
+        """Add a layer, or replace a member added before (the file loaded again, or edited)."""
+        if member in self.builders:
+            self.by_signature[self.builders[member][0]].remove(member)
+            self.ahead.pop(member, None)
+        self.by_signature[signature].append(member)
         self.builders[member] = (signature, build)
 
     def delta(self, member: Hashable, weight: Tensor) -> Tensor | None:
@@ -92,13 +93,13 @@ class GroupedMerge:
             adapter = build(shape, device)
         except ValueError:  # its own path explains why
             return None
-        if not mergeable(adapter):
+        if adapter is None or not mergeable(adapter):
             return None
         key = group_key(adapter)
         each = _bytes_per_member(adapter)
         peers = self.by_signature[signature]
         start = peers.index(member)
-        members, chosen = [adapter], [member]
+        members, chosen, gone = [adapter], [member], []
         for other in peers[start + 1 :] + peers[:start]:
             if (len(members) + 1) * each > self.budget:
                 break
@@ -108,12 +109,17 @@ class GroupedMerge:
                 candidate = self.builders[other][1](shape, device)
             except ValueError:  # it does not fit this shape (another layer's): it merges on its own
                 continue
-            if group_key(candidate) == key:
+            if candidate is None:
+                gone.append(other)
+            elif group_key(candidate) == key:
                 members.append(candidate)
                 chosen.append(other)
         with torch.no_grad():
             built = build_group(members, None)
         self.batched_builds += 1
+        for other in gone:
+            del self.builders[other]
+            peers.remove(other)
         for other, factors in zip(chosen[1:], built[1:], strict=True):
             self.ahead[other] = factors
         self._trim()

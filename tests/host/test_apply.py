@@ -273,7 +273,7 @@ def test_same_shaped_layers_merge_from_one_batched_build(setup, method):
     merges = {id(patch[1].merge): patch[1].merge for key in setup.keys for patch in model.patches[key]}
     assert len(merges) == 1, "one file, one GroupedMerge"
     (merge,) = merges.values()
-    assert len(merge.builders) == len(setup.keys)
+    assert merge.builders.keys() >= {id(patch[1]) for key in setup.keys for patch in model.patches[key]}
     assert merge.batched_builds == 0, "off on the CPU by default"
 
     (model, _) = apply(setup.model, method)
