@@ -296,14 +296,12 @@ def loaded_weights(patcher, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", METHODS[1:])
-def test_every_method_on_a_big_family_applies_three_ways_and_exports(loaded, family, big, comfy, method):
-    """Where a family is too big to train every method here (TLoRA trains above), each other
-    method's file for two of the family's own attention layers applies through Apply TLoRA, the
-    stock loader and the bypass loader as its merged weight W', and exports exactly."""
+def test_every_method_on_a_family_layer_applies_three_ways_and_exports(loaded, family, comfy, method):
+    """Each method's file for one of the family's own attention layers (the smallest) applies
+    through Apply TLoRA, the stock loader and the bypass loader as its merged weight W', and
+    exports exactly: on every family, also those too big to train every method here (above)."""
     from comfy import sd
 
-    if not big:
-        pytest.skip(f"{family.title} trains every method in test_trains_applies_bypasses_and_exports")
     model = loaded.model
     architecture = pack("nodes.apply").architecture_names(model)
     layers = pack("tlora.model").select_modules(model.model.diffusion_model, ["attention"], architecture=architecture)
