@@ -22,11 +22,13 @@ PACK_JS = "/extensions/comfyui-tlora/"
 # No first-run template dialog (the tests open it themselves), no minimap over the screenshots, the classic
 # (canvas-drawn) node design even where a frontend would default to Nodes 2.0.
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.VueNodes.Enabled": False}
-# Records the server's execution events in the page: run() waits on them.
+# Records the server's execution events and the length of its queue (status messages) in the page: wait_run()
+# waits on them.
 RECORD_RUNS = f"""(() => {{
   window.tloraTestRuns = [];
   for (const type of ["execution_start", "execution_success", "execution_error", "execution_interrupted"])
     {API}.addEventListener(type, ({{ detail }}) => window.tloraTestRuns.push({{ type, ...detail }}));
+  {API}.addEventListener("status", ({{ detail }}) => (window.tloraTestQueue = detail?.exec_info?.queue_remaining));
   return true;
 }})()"""
 
@@ -143,6 +145,10 @@ class ComfyPage:
         if missing:
             raise BrowserError(f"no such widgets in the graph: {missing}")
 
+    def refresh_node_definitions(self) -> None:
+        """What R does: reload the node definitions, so that combos list the files saved since the page loaded."""
+        self.evaluate(f"{APP}.extensionManager.command.execute('Comfy.RefreshNodeDefinitions')", 120)
+
     def next_frame(self) -> None:
         """Return once the page drew its next two animation frames (what was scheduled is drawn)."""
         self.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
@@ -199,11 +205,13 @@ class ComfyPage:
         return start
 
     def wait_run(self, since: int = 0, timeout: float = 600.0) -> dict:
-        """The first finished run after record ``since``; BrowserError with the node's error if it failed."""
+        """The first finished run after record ``since``, once the server reported its queue empty (the page shows
+        it idle); BrowserError with the node's error if it failed."""
         done = f"window.tloraTestRuns.slice({since}).find(r => r.type !== 'execution_start')"
         run = self.wait_for(f"{done} ?? null", timeout, what="the queued workflow to finish")
         if run["type"] != "execution_success":
             raise BrowserError(f"run ended with {run['type']}: {json.dumps(run)[:2000]}")
+        self.wait_for("window.tloraTestQueue === 0", timeout, what="the server's queue to empty")
         return run
 
 
