@@ -73,27 +73,29 @@ class ComfyPage:
             if entry["level"] in ("error", "exception") and (PACK_JS in entry["url"] or PACK_JS in entry["text"])
         ]
 
-    def click(self, element: str, timeout: float = 60.0, what: str | None = None) -> None:
-        """Click the element the JavaScript expression ``element`` finds, once it finds one: found and clicked in
-        one evaluation, as the dialogs re-render their lists while they load."""
-        self.wait_for(f"(e => (e?.click(), !!e))({element})", timeout, what=what or element)
-
     # -- workflows ------------------------------------------------------------------------------------------
 
     def open_template(self, module: str, name: str, timeout: float = 120.0) -> None:
         """Open the template browser (what its menu entries run), pick ``module``'s category and click ``name``."""
-        self.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        browse = f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')"
         # The category list's entry: <li role=option aria-label=module> (frontend 1.27), <div role=button> (1.49).
         category = (
             "[...document.querySelectorAll('[role=option], [role=button]')]"
             f".find(e => (e.getAttribute('aria-label') ?? e.textContent.trim()) === {js(module)})"
         )
-        self.click(category, timeout, what=f"template category {module}")
+        card = f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')"
         self.evaluate(f"{APP}.graph.extra.tloraTestStale = true")  # gone once the template replaced the graph
-        self.click(
-            f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')",
+        # Click the card once it shows, else the category, else open the browser, again until the card shows: the
+        # dialog re-renders its lists while it loads, and 1.49 drops an open that comes while the last one closes.
+        self.wait_for(
+            f"""((card, category) => {{
+              if (card) card.click();
+              else if (category) category.click();
+              else {browse};
+              return !!card;
+            }})({card}, {category})""",
             timeout,
-            what=f"template card {name}",
+            what=f"template card {name} in category {module}",
         )
         self.wait_for(
             f"!{APP}.graph.extra?.tloraTestStale && {APP}.graph.nodes.length > 0"
