@@ -15,6 +15,7 @@ import argparse
 import io
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,16 @@ VIEWPORT = (2000, 1000)
 THUMBNAIL = 480  # px, square: the template browser's cards
 # Full-detail nodes at the zoom that fits a whole example workflow.
 SETTINGS = {"LiteGraph.Canvas.MinFontSizeForLOD": 0}
+
+
+def settle(page: ComfyPage) -> None:
+    """After a run: wait until Save Image shows its image, then give the page's queue display (it fetches the
+    queue after the server's status message) a moment; fit the graph in view."""
+    images = f"{page.node('SaveImage')}.imgs"
+    page.wait_for(f"{images}?.length > 0 && {images}.every(image => image.complete)", what="the image on Save Image")
+    time.sleep(2)
+    page.fit_view()
+    page.next_frame()
 
 
 def save_png(png: bytes, path: Path) -> None:
@@ -90,11 +101,11 @@ def main() -> int:
                 page.open_template(server.pack_dir_name, "train_tlora")
                 page.set_widgets(tiny_train_widgets(checkpoint.name, args.steps, "my_subject", args.steps // 4))
                 page.wait_run(page.queue(), timeout=1800)
-                page.fit_view()
-                page.next_frame()
+                settle(page)
                 save_png(browser.screenshot(), IMG / "train_tlora.png")
                 save_thumbnail(page, "TLoRATrain", THUMBNAILS / "train_tlora.jpg")
 
+                page.refresh_node_definitions()  # the file just trained, in Apply TLoRA's list
                 page.open_template(server.pack_dir_name, "apply_tlora")
                 page.set_widgets(
                     {
@@ -106,8 +117,7 @@ def main() -> int:
                 )
                 page.wait_run(page.queue(), timeout=600)
                 page.wait_for(f"{page.node('TLoRAApply')}.tloraAdapterInfo.info", what="the info panel")
-                page.fit_view()
-                page.next_frame()
+                settle(page)
                 save_png(browser.screenshot(), IMG / "apply_tlora.png")
                 save_thumbnail(page, "TLoRAApply", THUMBNAILS / "apply_tlora.jpg")
 

@@ -22,11 +22,13 @@ PACK_JS = "/extensions/comfyui-tlora/"
 # No first-run template dialog (the tests open it themselves), no minimap over the screenshots, the classic
 # (canvas-drawn) node design even where a frontend would default to Nodes 2.0.
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.VueNodes.Enabled": False}
-# Records the server's execution events in the page: run() waits on them.
+# Records the server's execution events and the length of its queue (status messages) in the page: wait_run()
+# waits on them.
 RECORD_RUNS = f"""(() => {{
   window.tloraTestRuns = [];
   for (const type of ["execution_start", "execution_success", "execution_error", "execution_interrupted"])
     {API}.addEventListener(type, ({{ detail }}) => window.tloraTestRuns.push({{ type, ...detail }}));
+  {API}.addEventListener("status", ({{ detail }}) => (window.tloraTestQueue = detail?.exec_info?.queue_remaining));
   return true;
 }})()"""
 
@@ -71,27 +73,29 @@ class ComfyPage:
             if entry["level"] in ("error", "exception") and (PACK_JS in entry["url"] or PACK_JS in entry["text"])
         ]
 
-    def click(self, element: str, timeout: float = 60.0, what: str | None = None) -> None:
-        """Click the element the JavaScript expression ``element`` finds, once it finds one: found and clicked in
-        one evaluation, as the dialogs re-render their lists while they load."""
-        self.wait_for(f"(e => (e?.click(), !!e))({element})", timeout, what=what or element)
-
     # -- workflows ------------------------------------------------------------------------------------------
 
     def open_template(self, module: str, name: str, timeout: float = 120.0) -> None:
         """Open the template browser (what its menu entries run), pick ``module``'s category and click ``name``."""
-        self.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        browse = f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')"
         # The category list's entry: <li role=option aria-label=module> (frontend 1.27), <div role=button> (1.49).
         category = (
             "[...document.querySelectorAll('[role=option], [role=button]')]"
             f".find(e => (e.getAttribute('aria-label') ?? e.textContent.trim()) === {js(module)})"
         )
-        self.click(category, timeout, what=f"template category {module}")
+        card = f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')"
         self.evaluate(f"{APP}.graph.extra.tloraTestStale = true")  # gone once the template replaced the graph
-        self.click(
-            f"document.querySelector('[data-testid={js('template-workflow-' + name)}]')",
+        # Click the card once it shows, else the category, else open the browser, again until the card shows: the
+        # dialog re-renders its lists while it loads, and 1.49 drops an open that comes while the last one closes.
+        self.wait_for(
+            f"""((card, category) => {{
+              if (card) card.click();
+              else if (category) category.click();
+              else {browse};
+              return !!card;
+            }})({card}, {category})""",
             timeout,
-            what=f"template card {name}",
+            what=f"template card {name} in category {module}",
         )
         self.wait_for(
             f"!{APP}.graph.extra?.tloraTestStale && {APP}.graph.nodes.length > 0"
@@ -142,6 +146,10 @@ class ComfyPage:
         )
         if missing:
             raise BrowserError(f"no such widgets in the graph: {missing}")
+
+    def refresh_node_definitions(self) -> None:
+        """What R does: reload the node definitions, so that combos list the files saved since the page loaded."""
+        self.evaluate(f"{APP}.extensionManager.command.execute('Comfy.RefreshNodeDefinitions')", 120)
 
     def next_frame(self) -> None:
         """Return once the page drew its next two animation frames (what was scheduled is drawn)."""
@@ -199,11 +207,13 @@ class ComfyPage:
         return start
 
     def wait_run(self, since: int = 0, timeout: float = 600.0) -> dict:
-        """The first finished run after record ``since``; BrowserError with the node's error if it failed."""
+        """The first finished run after record ``since``, once the server reported its queue empty (the page shows
+        it idle); BrowserError with the node's error if it failed."""
         done = f"window.tloraTestRuns.slice({since}).find(r => r.type !== 'execution_start')"
         run = self.wait_for(f"{done} ?? null", timeout, what="the queued workflow to finish")
         if run["type"] != "execution_success":
             raise BrowserError(f"run ended with {run['type']}: {json.dumps(run)[:2000]}")
+        self.wait_for("window.tloraTestQueue === 0", timeout, what="the server's queue to empty")
         return run
 
 
