@@ -123,11 +123,12 @@ class CorePatcher:
     def load(self, tensors: dict, modules: list[str], per_layer: bool = False) -> dict:
         groups = self.core.format.group_by_module(tensors)
         loaded = {m: groups[m] for m in modules}
-        merge = None if per_layer else self.core.batched_merge.GroupedMerge()
+        if per_layer:
+            return {"groups": loaded, "merge": None}
+        merge = self.core.batched_merge.GroupedMerge()
         for m, group in loaded.items():
-            if merge is not None:
-                signature = tuple((k, tuple(t.shape)) for k, t in group.items())
-                merge.add(m, signature, lambda shape, device, g=group: self.build(shape, g, device))
+            signature = tuple((k, tuple(t.shape)) for k, t in group.items())
+            merge.add(m, signature, lambda shape, device, g=group: self.build(shape, g, device))
         return {"groups": loaded, "merge": merge}
 
     def build(self, shape: tuple[int, ...], group: dict, device: torch.device):

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from .checks import loaded_state, nudge_, relative_error
 from .server import ComfyServerError
 from .test_server import png_size
 from .workflow import load_workflow, ui_to_api
@@ -57,16 +58,6 @@ def apply(model, stem_or_name: str, strength_model=1.0, strength_clip=1.0, clip=
     return out.result
 
 
-def loaded_state(patcher, keys=None) -> dict[str, torch.Tensor]:
-    """The weights ComfyUI computes for ``patcher`` when it loads it to sample (patches applied, cast back
-    to the model dtype); every key, or copies of ``keys``."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([patcher], force_full_load=True)
-    state = patcher.model.state_dict()
-    return state if keys is None else {k: state[k].detach().clone() for k in keys}
-
-
 def comfy_cast(weight32: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     """ComfyUI's own cast of an fp32 patched weight back to the model dtype (ModelPatcher.patch_weight_to_device)."""
     import comfy.float
@@ -79,18 +70,6 @@ def assert_weights(actual: torch.Tensor, expected32: torch.Tensor, key: str):
     assert torch.isfinite(actual).all(), key
     expected = comfy_cast(expected32, actual.dtype, key)
     torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCE[actual.dtype], msg=lambda m: f"{key}: {m}")
-
-
-def nudge_(adapter, seed: int) -> None:
-    """Move an adapter off its identity init: noise on every parameter; SODA's rotations stay orthogonal."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            noise = 0.05 * torch.randn(p.shape, generator=gen)
-            if name.startswith("rotation."):
-                p.copy_(p @ torch.linalg.matrix_exp(noise - noise.T))
-            else:
-                p.add_(noise)
 
 
 def make(modules: dict, method: str, seed: int = 0, prefix: str = UNET) -> dict:
@@ -553,10 +532,6 @@ def file_tensors(setup, *stems) -> dict:
     for stem in stems:
         out.update(safetensors.torch.load_file(str(setup.loras / file_name(stem))))
     return out
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])

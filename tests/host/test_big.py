@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from . import families as F
+from .checks import denoised, relative_error
 
 FP8 = torch.float8_e4m3fn
 FP8_KINDS = ("fp8", "scaled_fp8")
@@ -26,33 +27,6 @@ FP8_TOLERANCE = 0.15
 
 def pack(name: str):
     return importlib.import_module(f"comfyui_tlora.{name}")
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def denoised(model, positive, x0: torch.Tensor, noise: torch.Tensor, percent: float = 0.5) -> torch.Tensor:
-    """ComfyUI's denoised estimate of ``x0`` noised at ``percent`` with ``noise`` (through a Guider)."""
-    import comfy.samplers
-    import comfy_extras.nodes_custom_sampler
-
-    out = {}
-
-    class Probe(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise_in, latent_image=None, *_, **__):
-            sampling = model_wrap.inner_model.model_sampling
-            s = sigmas[:1].expand(x0.shape[0])
-            with torch.no_grad():
-                out["x0"] = model_wrap(sampling.noise_scaling(s, noise, x0, False), s, **extra_args).float()
-            return latent_image
-
-    sigma = float(model.model.model_sampling.percent_to_sigma(percent))
-    guider = comfy_extras.nodes_custom_sampler.Guider_Basic(model)
-    guider.set_conds(positive)
-    with torch.inference_mode(False):
-        guider.sample(torch.zeros_like(x0), x0, Probe(), torch.tensor([sigma, 0.0]), seed=0)
-    return out["x0"]
 
 
 class Source:
@@ -133,8 +107,9 @@ def test_fp8_base_trains_in_bypass_and_the_file_applies_to_bf16_alike(source, ki
     apply = pack("nodes.apply").ApplyTLoRA.execute
     effects = {}
     for label, model in (("fp8", fp8), ("bf16", bf16)):
-        base = denoised(model, source.positive, x0, noise)
-        adapted = denoised(apply(model, name, 1.0, 0.0).args[0], source.positive, x0, noise)
+        sigma = float(model.model.model_sampling.percent_to_sigma(0.5))
+        base = denoised(model, source.positive, x0, sigma, noise)
+        adapted = denoised(apply(model, name, 1.0, 0.0).args[0], source.positive, x0, sigma, noise)
         effects[label] = adapted - base
         # TLoRA starts at the identity: a change of the output is the parameters having moved.
         assert relative_error(adapted, base) > 0.1, f"{label}: the trained adapter hardly changes the output"

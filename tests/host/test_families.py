@@ -22,6 +22,7 @@ import torch
 from tlora import targets
 
 from . import families as F
+from .checks import denoised, loaded_state, nudge_, relative_error
 
 
 @pytest.fixture(scope="module", params=list(F.FAMILIES))
@@ -189,32 +190,6 @@ def pack(name: str):
     return importlib.import_module(f"comfyui_tlora.{name}")
 
 
-def denoised(model, family: F.Family, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's denoised estimate x̂0 of ``x0`` noised at ``sigma`` with ``noise`` (the guider's conds)."""
-    import comfy.samplers
-    import comfy_extras.nodes_custom_sampler
-
-    out = {}
-
-    class Probe(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise_in, latent_image=None, *_, **__):
-            sampling = model_wrap.inner_model.model_sampling
-            s = sigmas[:1].expand(x0.shape[0])
-            with torch.no_grad():
-                out["x0"] = model_wrap(sampling.noise_scaling(s, noise, x0, False), s, **extra_args).float()
-            return latent_image
-
-    guider = comfy_extras.nodes_custom_sampler.Guider_Basic(model)
-    guider.set_conds(F.conditioning(family, batch=1, seed=0))
-    with torch.inference_mode(False):
-        guider.sample(torch.zeros_like(x0), x0, Probe(), torch.tensor([sigma, 0.0]), seed=0)
-    return out["x0"]
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.fixture(scope="module")
 def big(loaded) -> bool:
     return sum(p.numel() for p in loaded.model.model.diffusion_model.parameters()) > BIG
@@ -237,8 +212,11 @@ def test_trains_applies_bypasses_and_exports(loaded, family, big, comfy, method)
     sigma = float(model.model.model_sampling.percent_to_sigma(percent))
     c_out = float(model.model.model_sampling.calculate_denoised(torch.tensor(sigma), torch.ones(1), torch.zeros(1)))
 
+    def estimate(m) -> torch.Tensor:
+        return denoised(m, F.conditioning(family, batch=1, seed=0), x0, sigma, noise)
+
     def error(m) -> float:
-        return (((denoised(m, family, x0, sigma, noise) - x0) / c_out) ** 2).mean().item()
+        return (((estimate(m) - x0) / c_out) ** 2).mean().item()
 
     options = pack("tlora.options").TrainingOptions(
         method=method,
@@ -258,7 +236,7 @@ def test_trains_applies_bypasses_and_exports(loaded, family, big, comfy, method)
     assert after < before, f"{family.title}/{method}: the trained model denoises its image no better"
 
     # The file, four ways: Apply TLoRA's node, the stock loader, the bypass loader (where the host has it).
-    trained = denoised(result.model, family, x0, sigma, noise)
+    trained = estimate(result.model)
     (via_node, _) = pack("nodes.apply").ApplyTLoRA.execute(model, name, 1.0, 0.0).args
     tensors = pack("tlora.format").load_adapter_file(output).tensors
     via_stock = sd.load_lora_for_models(model, None, tensors, 1.0, 0.0)[0]
@@ -266,7 +244,7 @@ def test_trains_applies_bypasses_and_exports(loaded, family, big, comfy, method)
     if hasattr(sd, "load_bypass_lora_for_models"):
         outputs["bypass"] = sd.load_bypass_lora_for_models(model, None, tensors, 1.0, 0.0)[0]
     for how, patched in outputs.items():
-        assert relative_error(denoised(patched, family, x0, sigma, noise), trained) < 1e-4, how
+        assert relative_error(estimate(patched), trained) < 1e-4, how
 
     info = pack("tlora.format").describe(pack("tlora.format").load_adapter_file(output))
     assert info["base_model"] == family.config_class and info["method"] == method
@@ -274,25 +252,6 @@ def test_trains_applies_bypasses_and_exports(loaded, family, big, comfy, method)
         model, name, 4096, "lora", f"families/{family.key}_{method}_lora", True
     )
     assert report.max_error < 1e-4  # full rank: exact
-
-
-def nudged(adapter, seed: int):
-    """``adapter`` moved off its identity init (SODA's rotations kept orthogonal), frozen."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            noise = 0.05 * torch.randn(p.shape, generator=gen)
-            p.copy_(p @ torch.linalg.matrix_exp(noise - noise.T) if name.startswith("rotation.") else p + noise)
-    return adapter.requires_grad_(False)
-
-
-def loaded_weights(patcher, names: list[str]) -> dict[str, torch.Tensor]:
-    """The named layers' weights (fp32 copies) once ComfyUI loads ``patcher`` (its patches applied)."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([patcher], force_full_load=True)
-    net = patcher.model.diffusion_model
-    return {n: net.get_submodule(n).weight.detach().float().clone() for n in names}
 
 
 @pytest.mark.parametrize("method", METHODS[1:])
@@ -306,15 +265,18 @@ def test_every_method_on_a_family_layer_applies_three_ways_and_exports(loaded, f
     architecture = pack("nodes.apply").architecture_names(model)
     layers = pack("tlora.model").select_modules(model.model.diffusion_model, ["attention"], architecture=architecture)
     names = [min(sorted(layers), key=lambda n: layers[n].weight.numel())]  # the smallest: SODA's SVDs cost
+    keys = [f"diffusion_model.{n}.weight" for n in names]
     width = min(layers[names[0]].weight.shape)
     if method in ("soda", "svdiff") and width > SVD_WIDTH and not os.environ.get("TLORA_SLOW_TESTS"):
         pytest.skip(
             f"{method} on {family.title}: an fp64 SVD of its {width}-wide layer takes minutes on a CPU thread, "
             "taken on each of the five loads here (set TLORA_SLOW_TESTS=1 to run it)"
         )
-    base = loaded_weights(model, names)
+    base = {n: w.float() for n, w in zip(names, loaded_state(model, keys).values(), strict=True)}
     adapters = pack("tlora.model").make_adapters({n: layers[n] for n in names}, method, seed=3, residual_rank=4)
-    adapters = {n: nudged(a, 10 + i) for i, (n, a) in enumerate(adapters.items())}
+    for i, adapter in enumerate(adapters.values()):
+        nudge_(adapter, 10 + i)
+        adapter.requires_grad_(False)
     expected = {n: adapters[n].merged_weight(base[n]) for n in names}
     name = f"families/{family.key}_{method}_layers.safetensors"
     meta = {"tlora.method": method, "tlora.base_model": family.config_class}
@@ -327,7 +289,7 @@ def test_every_method_on_a_family_layer_applies_three_ways_and_exports(loaded, f
         "stock": sd.load_lora_for_models(model, None, tensors, 1.0, 0.0)[0],
     }
     for how, patched in merged.items():
-        weights = loaded_weights(patched, names)
+        weights = {n: w.float() for n, w in zip(names, loaded_state(patched, keys).values(), strict=True)}
         for n in names:
             assert (expected[n] - base[n]).abs().max() > 1e-3, f"{method} {n}: an identity adapter"
             assert relative_error(weights[n] - base[n], expected[n] - base[n]) < 1e-3, f"{how} {n}"

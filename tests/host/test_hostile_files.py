@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from .test_apply import UNET, apply, bypass_loader, bypass_output, file_name, loaded_state, make
+from .checks import loaded_state
+from .test_apply import UNET, apply, bypass_loader, bypass_output, file_name, make
 
 Q = UNET + "input_blocks.1.1.transformer_blocks.0.attn1.to_q"  # [320, 320]
 K = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k"  # [320, 768]
