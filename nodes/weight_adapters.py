@@ -30,7 +30,7 @@ from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..tlora.adapters import SODA, Adapter, ConvArgs, TLoRA
 from ..tlora.batched_merge import GroupedMerge
-from ..tlora.format import build_adapter, finite_delta
+from ..tlora.format import build_adapter, checked_delta
 from ..tlora.validate import AdapterFileError, check_finite, check_group
 
 log = logging.getLogger("comfyui-tlora")
@@ -116,11 +116,11 @@ class _TensorGroupAdapter(WeightAdapterBase):
         try:
             with torch.no_grad():
                 delta = self.merge.delta(id(self), weight) if self.merge is not None else None
-                if delta is None or not bool(torch.isfinite(delta).all()):  # its own path (which explains why)
+                if delta is None:  # this layer merges on its own path
                     adapter = self.adapter_for(weight.shape, weight.device)
                     self.prepare(adapter, weight)
-                    delta = finite_delta(adapter, weight, self.module)
-                delta = delta.reshape(weight.shape).mul_(strength)  # a fresh buffer: scaled in place
+                    delta = adapter.delta_weight(weight)
+                delta = checked_delta(delta, weight, self.module).reshape(weight.shape).mul_(strength)  # a fresh buffer
                 weight += function(delta.to(weight.dtype))
         except (ValueError, RuntimeError) as err:
             log.error("%s: %s not patched: %s", self.name, key, err)

@@ -70,7 +70,11 @@ def build_adapter(weight_shape: tuple[int, ...], group: Mapping[str, Tensor], wh
 def finite_delta(adapter: Adapter, weight: Tensor, where: str = "") -> Tensor:
     """``W' − W`` in fp32 (:meth:`~tlora.adapters.Adapter.delta_weight`), refused with an
     :class:`AdapterFileError` unless finite: finite factors can still overflow a merge."""
-    delta = adapter.delta_weight(weight)
+    return checked_delta(adapter.delta_weight(weight), weight, where)
+
+
+def checked_delta(delta: Tensor, weight: Tensor, where: str = "") -> Tensor:
+    """``delta`` (a merge's ``W' − W`` for ``weight``), refused as :func:`finite_delta` refuses."""
     if not bool(torch.isfinite(delta).all()):
         problem = f"its weight change is not finite on this layer (values of {weight.dtype} overflow)"
         raise AdapterFileError(f"{where}: {problem}" if where else problem)
